@@ -1,0 +1,20 @@
+"""hf_vpt: vision prompt tuning methods for the Hugging Face stack, as PEFT methods.
+
+Importing the package registers its methods with PEFT, so `get_peft_model`, `PeftConfig.from_pretrained` and
+`PeftModel.from_pretrained` know them.
+"""
+
+from .core.config import AdapterLoadError
+from .layouts import SUPPORTED_ARCHITECTURES, find_towers
+from .tuners import VisualPromptConfig, VisualPromptModel
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "AdapterLoadError",
+    "VisualPromptConfig",
+    "VisualPromptModel",
+    "find_towers",
+]

@@ -1,0 +1,1 @@
+"""The machinery shared by every hf_vpt method: sequence surgery, routing, the tuner and its block wrapper."""

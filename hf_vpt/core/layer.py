@@ -1,0 +1,87 @@
+"""The PEFT tuner layer that wraps one transformer block of a prompted tower."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .surgery import extend_attention_mask
+
+
+class PromptedBlock(nn.Module, BaseTunerLayer):
+    """Wraps a frozen block; methods subclass it and implement `enter` (before the block) and `leave` (after it).
+
+    The block owns no parameters: prompts live on the tuner in one path-free tensor per adapter, so the wrapper only
+    knows its position (`tower_index`, `block_index`) and asks the tuner for the current forward's state.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ("prompted_adapters",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, tuner, tower_index: int, block_index: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.tower_index = tower_index
+        self.block_index = block_index
+        self.prompted_adapters: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        # A plain reference, not a submodule: the tuner owns this block, not the other way round.
+        object.__setattr__(self, "_tuner", tuner)
+        self.update_layer(adapter_name)
+
+    def update_layer(self, adapter_name: str) -> None:
+        self.prompted_adapters[adapter_name] = True
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        self._tuner._check_merge_allowed()
+
+    def unmerge(self) -> None:
+        pass
+
+    @property
+    def tower(self):
+        return self._tuner._towers[self.tower_index]
+
+    @property
+    def is_last_block(self) -> bool:
+        return self.block_index == self.tower.num_layers - 1
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if self.disable_adapters or not self.active_adapters:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        if self.block_index == 0:
+            run = self._tuner._begin_tower_forward(self.tower_index, hidden_states, self.active_adapters)
+        else:
+            run = self._tuner._tower_forward_state(self.tower_index)
+            if run is None:  # the block is called on its own, outside its tower: nothing to prompt
+                return self.base_layer(hidden_states, *args, **kwargs)
+        block_input = self.enter(run, hidden_states)
+        args, kwargs = self._extend_masks(run, args, kwargs)
+        output = self.base_layer(block_input, *args, **kwargs)
+        if isinstance(output, tuple):
+            return (self.leave(run, block_input, output[0]), *output[1:])
+        return self.leave(run, block_input, output)
+
+    def enter(self, run, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The sequence that goes into the frozen block (prompts inserted or replaced)."""
+        raise NotImplementedError
+
+    def leave(self, run, block_input: torch.Tensor, block_output: torch.Tensor) -> torch.Tensor:
+        """The sequence handed to the next block (prompts kept, mixed, or removed after the last block)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _extend_masks(run, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args and isinstance(args[0], torch.Tensor):
+            args = (extend_attention_mask(args[0], run.at, run.count), *args[1:])
+        if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+            kwargs = {**kwargs, "attention_mask": extend_attention_mask(kwargs["attention_mask"], run.at, run.count)}
+        return args, kwargs
+
+    def __repr__(self) -> str:
+        return f"{self._tuner.prefix.rstrip('_')}.{super().__repr__()}"

@@ -1,0 +1,323 @@
+"""The PEFT tuner shared by hf_vpt's prompt methods.
+
+It finds the towers of a model (see `hf_vpt.layouts`), wraps their blocks in `PromptedBlock`s, keeps one *bank* of
+prompt parameters per adapter on the tuner itself (path-free state dict keys such as
+`base_model.visual_prompt_bank.embeddings.vision`), routes adapters to samples, removes the prompt positions from
+what the caller sees, and checks adapters before they touch the model. A method subclasses it, defines its bank and
+block wrapper, and nothing else.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTuner, _get_tuner_state_dict_key_prefixes
+from torch import nn
+
+from ..layouts import Tower, select_towers
+from .config import AdapterLoadError
+from .layer import PromptedBlock
+from .routing import BatchRoute
+from .surgery import strip_recorded_outputs
+
+
+MERGE_ERROR = (
+    "Prompt tuning adds tokens to the sequence; it has no weight delta that could be merged into the base model. "
+    "Keep the PeftModel for inference, or call `unload()` to get the untouched base model back."
+)
+
+
+@dataclass
+class TowerForward:
+    """The state of one tower during one forward, created by its first block and dropped by the tower's end hook."""
+
+    route: BatchRoute
+    at: int  # first prompt position
+    count: int  # number of prompt tokens in the sequence
+    prompted_length: int  # sequence length while the prompts are inside
+    extras: dict = field(default_factory=dict)  # method-specific state (e.g. readout masks)
+
+
+class PromptTunerModel(BaseTuner):
+    """Base class of the hf_vpt tuners. Subclasses set `prefix`, `tuner_layer_cls` and implement `_create_bank`."""
+
+    tuner_layer_cls = PromptedBlock
+    target_module_mapping: dict = {}
+    uses_shared_state = True
+    supported_tower_kinds: tuple[str, ...] = ("vision",)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # what a method provides
+    # ----------------------------------------------------------------------------------------------------------
+    def _create_bank(self, adapter_name: str, config, towers: list[Tower]) -> nn.Module:
+        """The trainable parameters of one adapter, in float32."""
+        raise NotImplementedError
+
+    def _num_tokens(self, adapter_name: str, tower: Tower) -> int:
+        return self.peft_config[adapter_name].num_prompt_tokens
+
+    def _begin_extras(self, run: TowerForward, tower: Tower, hidden_states: torch.Tensor) -> None:
+        """Fill `run.extras` at the start of a tower's forward (readout masks, ...)."""
+
+    # ----------------------------------------------------------------------------------------------------------
+    # injection
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def banks(self) -> nn.ModuleDict:
+        return getattr(self, self.prefix + "bank")
+
+    def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        setattr(self, self.prefix + "bank", nn.ModuleDict())
+        self._towers: list[Tower] = []
+        self._block_positions: dict[str, tuple[int, int]] = {}
+        self._hook_handles: list = []
+        self._forward_states: dict[int, TowerForward] = {}
+        self._batch_adapter_names: list[str] | None = None
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict=None,
+    ) -> None:
+        config = self.peft_config[adapter_name]
+        if not self._towers:
+            towers = select_towers(model, config.towers, self.supported_tower_kinds)
+        else:  # later adapters prompt the towers the first one found (blocks are wrapped by then)
+            towers = self._towers
+            requested = set(config.towers) if config.towers is not None else {t.kind for t in towers}
+            if requested != {t.kind for t in towers}:
+                raise ValueError(
+                    f"Adapter '{adapter_name}' asks for towers {sorted(requested)}, but the adapters of this model "
+                    f"prompt {sorted(t.kind for t in towers)}. All adapters of one model must prompt the same towers."
+                )
+        self._check_fits(adapter_name, config, towers)
+        first_injection = not self._towers
+        self._towers = towers
+        self._block_positions = {
+            name: (ti, bi) for ti, tower in enumerate(towers) for bi, name in enumerate(tower.block_names)
+        }
+        config.tower_shapes = {t.kind: [t.num_layers, t.hidden_size] for t in towers}
+        device = next(towers[0].blocks.parameters()).device
+        self.banks[adapter_name] = self._create_bank(adapter_name, config, towers).to(device=device)
+        try:
+            super().inject_adapter(
+                model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=False
+            )
+        except Exception:
+            del self.banks[adapter_name]
+            raise
+        if first_injection:
+            self._install_hooks()
+        self._sync_bank_trainability(inference_mode=config.inference_mode)
+
+    def _check_fits(self, adapter_name: str, config, towers: list[Tower]) -> None:
+        """Reject an adapter recorded for other towers (hidden size, depth) before anything is changed."""
+        recorded = config.tower_shapes or {}
+        for tower in towers:
+            if tower.kind in recorded and list(recorded[tower.kind]) != [tower.num_layers, tower.hidden_size]:
+                layers, width = recorded[tower.kind]
+                raise AdapterLoadError(
+                    f"Adapter '{adapter_name}' was trained for a {tower.kind} tower with {layers} blocks of hidden size "
+                    f"{width}, but this model's {tower.spec.name} has {tower.num_layers} blocks of hidden size "
+                    f"{tower.hidden_size}. Load it onto the base model it was trained on "
+                    f"(`base_model_name_or_path={config.base_model_name_or_path!r}`)."
+                )
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config  # targets are found by structure, not from `target_modules`
+
+    def _check_target_module_exists(self, peft_config, key: str) -> bool:
+        return key in self._block_positions
+
+    def _create_and_replace(
+        self, peft_config, adapter_name, target, target_name, parent, current_key, parameter_name=None
+    ) -> None:
+        if isinstance(target, PromptedBlock):
+            target.update_layer(adapter_name)
+            return
+        tower_index, block_index = self._block_positions[current_key]
+        wrapper = self.tuner_layer_cls(target, adapter_name, self, tower_index, block_index)
+        self._replace_module(parent, target_name, wrapper, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # Blocks are not Linear-like (PEFT's default copies `.weight`), and the wrapper has no parameters to move.
+        setattr(parent, child_name, new_module)
+
+    def _install_hooks(self) -> None:
+        for ti, tower in enumerate(self._towers):
+            self._hook_handles.append(tower.root.register_forward_pre_hook(partial(self._on_tower_start, ti)))
+            self._hook_handles.append(tower.root.register_forward_hook(partial(self._on_tower_end, ti)))
+            if tower.final_norm is not None:
+                self._hook_handles.append(tower.final_norm.register_forward_hook(partial(self._on_final_norm, ti)))
+
+    def _remove_hooks(self) -> None:
+        while self._hook_handles:
+            self._hook_handles.pop().remove()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # adapter bookkeeping
+    # ----------------------------------------------------------------------------------------------------------
+    def _sync_bank_trainability(self, inference_mode: bool = False) -> None:
+        for name, bank in self.banks.items():
+            bank.requires_grad_(name in self.active_adapters and not inference_mode)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._sync_bank_trainability(inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            if name in self.banks:
+                self.banks[name].requires_grad_(requires_grad)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        if enabled:
+            self._sync_bank_trainability()
+        else:
+            self.banks.requires_grad_(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        del self.banks[adapter_name]
+
+    def _check_merge_allowed(self):
+        raise ValueError(MERGE_ERROR)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            raise ValueError(MERGE_ERROR)
+        self._remove_hooks()
+        model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        for name in list(self.banks):
+            del self.banks[name]
+        self._towers = []
+        self._block_positions = {}
+        return model
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        pass  # banks are created in float32 and cast to the activations' dtype in forward
+
+    # ----------------------------------------------------------------------------------------------------------
+    # forward
+    # ----------------------------------------------------------------------------------------------------------
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("`adapter_names` must be a list of adapter names, one per sample.")
+        unknown = sorted({n for n in adapter_names if n not in self.peft_config})
+        if unknown:
+            hint = " Samples without prompts are not supported in a mixed batch yet." if "__base__" in unknown else ""
+            raise ValueError(
+                f"`adapter_names` contains unknown adapters {unknown}; available: {sorted(self.peft_config)}.{hint}"
+            )
+        self._batch_adapter_names = list(adapter_names)
+        try:
+            yield
+        finally:
+            self._batch_adapter_names = None
+
+    def _begin_tower_forward(self, tower_index: int, hidden_states: torch.Tensor, active: list[str]) -> TowerForward:
+        tower = self._towers[tower_index]
+        batch = hidden_states.shape[0]
+        if self._batch_adapter_names is not None:
+            route = BatchRoute.per_sample(self._batch_adapter_names, batch, hidden_states.device)
+        else:
+            if len(active) != 1:
+                raise ValueError(
+                    f"{len(active)} prompt adapters are active ({active}); prompt adapters cannot be stacked. Activate "
+                    "one with `set_adapter(name)`, or give each sample its own with `adapter_names=[...]`."
+                )
+            route = BatchRoute.single(active[0], batch)
+        counts = {name: self._num_tokens(name, tower) for name in route.adapters}
+        if len(set(counts.values())) != 1:
+            raise ValueError(
+                f"A batch can only mix adapters with the same number of prompt tokens; got {counts}. Split the batch "
+                "by prompt length."
+            )
+        count = next(iter(counts.values()))
+        run = TowerForward(route, tower.num_special_tokens, count, hidden_states.shape[1] + count)
+        self._begin_extras(run, tower, hidden_states)
+        self._forward_states[tower_index] = run
+        return run
+
+    def _tower_forward_state(self, tower_index: int) -> TowerForward | None:
+        return self._forward_states.get(tower_index)
+
+    def _on_tower_start(self, tower_index: int, module, args):
+        self._forward_states.pop(tower_index, None)
+
+    def _on_tower_end(self, tower_index: int, module, args, output):
+        run = self._forward_states.pop(tower_index, None)
+        if run is None or self._keeps_prompts_in_outputs(run):
+            return output
+        return strip_recorded_outputs(output, run.at, run.count, run.prompted_length)
+
+    def _keeps_prompts_in_outputs(self, run: TowerForward) -> bool:
+        return any(getattr(self.peft_config[name], "keep_prompts_in_outputs", False) for name in run.route.adapters)
+
+    def _on_final_norm(self, tower_index: int, module, args, output):
+        """Readouts that replace the pretrained final norm by a parameter-free one at the CLS slot."""
+        run = self._forward_states.get(tower_index)
+        mask = None if run is None else run.extras.get("unit_norm_readout")
+        if mask is None:
+            return output
+        normed_input = args[0]
+        cls_in = normed_input[:, 0] if normed_input.dim() == 3 else normed_input
+        cls_out = F.layer_norm(cls_in, cls_in.shape[-1:], eps=module.eps)
+        if output.dim() == 3:
+            slot = torch.where(mask[:, None], cls_out, output[:, 0])
+            return torch.cat([slot[:, None], output[:, 1:]], dim=1)
+        return torch.where(mask[:, None], cls_out, output)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # loading
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT only warns about missing keys; for prompts a missing tensor means a broken adapter, so raise."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        model_state = model.state_dict()
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        bank_prefix = f"{cls.prefix}bank.{adapter_name}"
+        expected = {k for k in model_state if bank_prefix in k and any(k.startswith(p) for p in prefixes)}
+        missing = sorted(expected - set(remapped))
+        unexpected = sorted(k for k in remapped if k not in model_state)
+        mismatched = [
+            f"{k}: file {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
+            for k, v in remapped.items()
+            if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)
+        ]
+        if missing or unexpected or mismatched:
+            _roll_back_adapter(model, adapter_name)
+            raise AdapterLoadError(
+                f"The weights of adapter '{adapter_name}' do not fit this model: missing tensors {missing}, "
+                f"unexpected tensors {unexpected}, shape mismatches {mismatched}. The adapter was not loaded and the "
+                "model is unchanged; check that the adapter folder belongs to this base model and method."
+            )
+        return remapped
+
+
+def _roll_back_adapter(peft_model, adapter_name: str) -> None:
+    """Undo the injection of an adapter whose weights turned out not to fit."""
+    tuner = peft_model.base_model
+    if len(tuner.peft_config) > 1:
+        peft_model.delete_adapter(adapter_name)
+    else:
+        tuner.unload()

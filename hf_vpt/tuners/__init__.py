@@ -1,0 +1,4 @@
+from .visual_prompt import VisualPromptConfig, VisualPromptModel
+
+
+__all__ = ["VisualPromptConfig", "VisualPromptModel"]

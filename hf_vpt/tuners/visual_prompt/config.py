@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..._registry import peft_type
+from ...core.config import PromptConfigBase
+
+
+DEPTHS = ("shallow", "deep")
+PROMPT_INITS = ("vpt_uniform", "normal", "zeros")
+READOUTS = ("default", "mean_unit_norm", "mean_model_norm")
+
+
+@dataclass
+class VisualPromptConfig(PromptConfigBase):
+    """Visual Prompt Tuning (Jia et al., ECCV 2022, https://arxiv.org/abs/2203.12119).
+
+    Learnable tokens are placed after the special tokens of a frozen vision transformer, in the layout
+    `[special tokens, prompts, patch tokens]`, after the position embeddings. Prompts get no position embedding.
+    They are removed from the sequence after the last block, so heads, poolers and `hidden_states` see the original
+    layout.
+
+    Args:
+        num_prompt_tokens (`int`): Number of prompt tokens `p` (per block for deep prompts).
+        depth (`str`): `"shallow"` inserts the prompts once before block 0; `"deep"` gives every block its own prompts,
+            replacing the previous block's outputs at the prompt positions.
+        num_deep_layers (`int`, *optional*): With `depth="deep"`, only the first `num_deep_layers` blocks get new
+            prompts; later blocks carry the prompt outputs along like shallow prompts.
+        prompt_init (`str`): `"vpt_uniform"` (the official VPT initialisation, U(±sqrt(6 / (3·patch_h·patch_w + d)))),
+            `"normal"` (N(0, 0.02²)) or `"zeros"`.
+        prompt_dropout (`float`): Dropout on the prompts at every insertion (the official deep VTAB runs use 0.1).
+        prompt_projection_dim (`int`, *optional*): Store prompts in this width and map them to the hidden size with
+            a learned linear layer (VPT's `PROJECT` option).
+        readout (`str`): `"default"` keeps the model's own readout (the CLS token after the final norm, the official
+            supervised-ViT readout); `"mean_unit_norm"` is the official VPT readout for MAE (mean of all tokens
+            except CLS, prompts included, then a LayerNorm without affine parameters); `"mean_model_norm"` is the
+            gated-prompt code's MAE readout (the same mean, then the pretrained final norm). Both mean readouts are
+            written into the CLS slot of the final sequence, so heads that read token 0 consume them.
+    """
+
+    num_prompt_tokens: int = field(default=10, metadata={"help": "Number of prompt tokens per prompted block."})
+    depth: str = field(
+        default="deep",
+        metadata={"help": "'shallow' (prompts enter before block 0) or 'deep' (new prompts before every block)."},
+    )
+    num_deep_layers: Optional[int] = field(
+        default=None,
+        metadata={"help": "With depth='deep': give new prompts only to the first k blocks (None: all blocks)."},
+    )
+    prompt_init: str = field(
+        default="vpt_uniform",
+        metadata={
+            "help": "'vpt_uniform' (official: U(±sqrt(6/(3·patch_h·patch_w + d)))), 'normal' (std 0.02) or 'zeros'."
+        },
+    )
+    prompt_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout rate on the prompts at each insertion, in [0, 1)."}
+    )
+    prompt_projection_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "If set, prompts are stored with this width and projected to the hidden size (VPT PROJECT)."},
+    )
+    readout: str = field(
+        default="default",
+        metadata={
+            "help": "'default' (the model's readout, CLS after the final norm), 'mean_unit_norm' (official VPT MAE "
+            "readout: mean over all non-CLS tokens incl. prompts, then a LayerNorm without affine) or "
+            "'mean_model_norm' (gated-prompt MAE readout: the same mean, then the pretrained final norm)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = peft_type("visual_prompt")
+        if not isinstance(self.num_prompt_tokens, int) or self.num_prompt_tokens < 1:
+            raise ValueError(f"`num_prompt_tokens` must be a positive integer; got {self.num_prompt_tokens!r}.")
+        if self.depth not in DEPTHS:
+            raise ValueError(f"`depth` must be one of {DEPTHS}; got {self.depth!r}.")
+        if self.num_deep_layers is not None:
+            if self.depth != "deep":
+                raise ValueError("`num_deep_layers` only applies to depth='deep'; remove it or set depth='deep'.")
+            if not isinstance(self.num_deep_layers, int) or self.num_deep_layers < 1:
+                raise ValueError(f"`num_deep_layers` must be a positive integer; got {self.num_deep_layers!r}.")
+        if self.prompt_init not in PROMPT_INITS:
+            raise ValueError(f"`prompt_init` must be one of {PROMPT_INITS}; got {self.prompt_init!r}.")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"`prompt_dropout` must be in [0, 1); got {self.prompt_dropout!r}.")
+        if self.prompt_projection_dim is not None and self.prompt_projection_dim < 1:
+            raise ValueError(f"`prompt_projection_dim` must be a positive integer; got {self.prompt_projection_dim!r}.")
+        if self.readout not in READOUTS:
+            raise ValueError(f"`readout` must be one of {READOUTS}; got {self.readout!r}.")
+
+    @property
+    def bank_key_prefix(self) -> str:
+        return "base_model.visual_prompt_bank."
+
+    def prompt_rows(self, num_layers: int) -> int:
+        """How many prompt sets one tower stores: 1 for shallow, one per prompted block for deep."""
+        if self.depth == "shallow":
+            return 1
+        return min(self.num_deep_layers or num_layers, num_layers)
+
+    def expected_bank_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for kind, (num_layers, hidden) in (self.tower_shapes or {}).items():
+            width = self.prompt_projection_dim or hidden
+            shapes[f"{self.bank_key_prefix}embeddings.{kind}"] = (self.prompt_rows(num_layers), self.num_prompt_tokens, width)
+            if self.prompt_projection_dim:
+                shapes[f"{self.bank_key_prefix}projection.{kind}.weight"] = (hidden, width)
+                shapes[f"{self.bank_key_prefix}projection.{kind}.bias"] = (hidden,)
+        return shapes
+
+    def check_adapter_file(self, weights_path: str) -> None:
+        if self.tower_shapes:  # configs written before the shapes were recorded cannot be checked here
+            super().check_adapter_file(weights_path)

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...core.layer import PromptedBlock
+from ...core.surgery import insert_tokens, remove_tokens, replace_tokens
+from ...layouts import Tower
+from .config import VisualPromptConfig
+
+
+def init_prompts(rows: int, num_tokens: int, width: int, method: str, patch_area: int) -> torch.Tensor:
+    prompts = torch.empty(rows, num_tokens, width, dtype=torch.float32)
+    if method == "vpt_uniform":
+        # Xavier-uniform computed as if the prompt were a patch-embedding kernel (fan_in = 3·patch_h·patch_w).
+        bound = math.sqrt(6.0 / (3 * patch_area + width))
+        return nn.init.uniform_(prompts, -bound, bound)
+    if method == "normal":
+        return nn.init.normal_(prompts, std=0.02)
+    return nn.init.zeros_(prompts)
+
+
+class VisualPromptBank(nn.Module):
+    """One adapter's prompts: `embeddings[kind]` is `[rows, p, width]` (rows = 1 shallow, one per block deep)."""
+
+    def __init__(self, config: VisualPromptConfig, towers: list[Tower]):
+        super().__init__()
+        self.embeddings = nn.ParameterDict()
+        self.projection = nn.ModuleDict()
+        self.dropout = nn.Dropout(config.prompt_dropout)
+        for tower in towers:
+            width = config.prompt_projection_dim or tower.hidden_size
+            rows = config.prompt_rows(tower.num_layers)
+            self.embeddings[tower.kind] = nn.Parameter(
+                init_prompts(rows, config.num_prompt_tokens, width, config.prompt_init, tower.patch_area)
+            )
+            if config.prompt_projection_dim:
+                projection = nn.Linear(width, tower.hidden_size)
+                nn.init.kaiming_normal_(projection.weight, a=0, mode="fan_out")
+                self.projection[tower.kind] = projection
+
+    def num_rows(self, kind: str) -> int:
+        return self.embeddings[kind].shape[0]
+
+    def prompts(self, kind: str, row: int) -> torch.Tensor:
+        """The `[p, d]` prompts of one block (before dropout)."""
+        prompts = self.embeddings[kind][row]
+        if kind in self.projection:
+            prompts = self.projection[kind](prompts)
+        return prompts
+
+
+class VisualPromptBlock(PromptedBlock):
+    """Inserts the prompts before block 0, replaces them before deep blocks, removes them after the last block."""
+
+    def enter(self, run, hidden_states: torch.Tensor) -> torch.Tensor:
+        tuner, kind, index = self._tuner, self.tower.kind, self.block_index
+        if index == 0:
+            return insert_tokens(hidden_states, tuner._gather_prompts(run, kind, 0, hidden_states.dtype), run.at)
+        has_row = run.route.sample_mask(lambda name: tuner.banks[name].num_rows(kind) > index, hidden_states.device)
+        if has_row is None:  # shallow, or past the last deep block: prompts flow on
+            return hidden_states
+        new = tuner._gather_prompts(run, kind, index, hidden_states.dtype)
+        if run.route.sample_groups is not None and not bool(has_row.all()):
+            old = hidden_states[:, run.at : run.at + run.count]
+            new = torch.where(has_row[:, None, None], new, old)
+        return replace_tokens(hidden_states, new, run.at)
+
+    def leave(self, run, block_input: torch.Tensor, block_output: torch.Tensor) -> torch.Tensor:
+        if not self.is_last_block:
+            return block_output
+        mean_readout = run.extras.get("mean_readout")
+        pooled = block_output[:, 1:].mean(dim=1) if mean_readout is not None else None
+        output = remove_tokens(block_output, run.at, run.count)
+        if pooled is not None:
+            cls_slot = torch.where(mean_readout[:, None], pooled, output[:, 0])
+            output = torch.cat([cls_slot[:, None], output[:, 1:]], dim=1)
+        return output

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up .venv with everything hf_vpt, its recipes and its tests need. Safe to run again.
+# torch comes first: TORCH_SPEC (default torch==2.13.0, the CPU build) is installed before anything that depends on
+# torch, so pip never pulls a CUDA build as a dependency. Set TORCH_SPEC to keep another torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install -q "$TORCH_SPEC"
+fi
+.venv/bin/pip install -q -e ".[test]"
