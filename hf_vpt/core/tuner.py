@@ -290,6 +290,14 @@ class PromptTunerModel(BaseTuner):
     # loading
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # bank keys carry the adapter name in the middle: `<prefix>bank.<adapter>.embeddings.vision`
+        marker = f"{cls.prefix}bank.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f"{cls.prefix}bank.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """PEFT only warns about missing keys; for prompts a missing tensor means a broken adapter, so raise."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
