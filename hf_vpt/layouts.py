@@ -14,6 +14,8 @@ from typing import Callable
 
 from torch import nn
 
+from .core.kv_prefix import find_attention_layout
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -28,6 +30,10 @@ class ArchitectureSpec:
     query_names: tuple[str, ...] = ("q_proj", "query")
     key_names: tuple[str, ...] = ("k_proj", "key")
     value_names: tuple[str, ...] = ("v_proj", "value")
+    output_names: tuple[str, ...] = ("o_proj", "out_proj")
+    attention_norm_names: tuple[str, ...] = ("layernorm_before", "norm1", "layer_norm1")
+    # the tower's self-attention is causal (CLIP text): inserted prompts become ordinary causal positions
+    causal: bool = False
 
 
 def _check_vit_mae(config) -> None:
@@ -52,6 +58,10 @@ SUPPORTED_ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ),
     ArchitectureSpec("CLIP vision tower", ("CLIPVisionModel", "CLIPVisionTransformer"), "vision", lambda c: 1),
     ArchitectureSpec("SigLIP vision tower", ("SiglipVisionModel", "SiglipVisionTransformer"), "vision", lambda c: 0),
+    # Prompts go right after the BOS token and are causal positions: every text token sees them, BOS does not.
+    ArchitectureSpec("CLIP text tower", ("CLIPTextModel", "CLIPTextTransformer"), "text", lambda c: 1, causal=True),
+    # One joint text+image encoder: sequence [text CLS, text, image CLS, patches]; prompts go after the text CLS.
+    ArchitectureSpec("ViLT", ("ViltModel",), "multimodal", lambda c: 1),
 )
 
 
@@ -77,6 +87,8 @@ class Tower:
     num_special_tokens: int
     patch_area: int  # patch_h * patch_w, used by VPT's initialisation
     config: object = field(repr=False)
+    # per block, the parts the key/value-prefix path needs; None where a block's attention has another shape
+    attention_layouts: list = field(default_factory=list, repr=False)
 
     @property
     def kind(self) -> str:
@@ -85,6 +97,11 @@ class Tower:
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def supports_kv_prefix(self) -> bool:
+        """Deep prompts can run as key/value prefixes (bidirectional attention of a known shape in every block)."""
+        return not self.spec.causal and bool(self.attention_layouts) and all(self.attention_layouts)
 
     def query_projection(self, block: nn.Module) -> nn.Linear:
         return _find_projection(block, self.spec.query_names, "query")
@@ -160,6 +177,7 @@ def find_towers(model: nn.Module) -> list[Tower]:
                 num_special_tokens=spec.num_special_tokens(config),
                 patch_area=_patch_area(config),
                 config=config,
+                attention_layouts=[find_attention_layout(block, spec) for block in blocks],
             )
         )
     return towers

@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 
-TOWER_KINDS = ("vision", "text")
+TOWER_KINDS = ("vision", "text", "multimodal")
 
 
 class AdapterLoadError(ValueError):
@@ -24,8 +24,9 @@ class PromptConfigBase(PeftConfig):
     towers: Optional[list[str]] = field(
         default=None,
         metadata={
-            "help": "Which towers to prompt: a list from ('vision', 'text'). None prompts the vision tower of a model "
-            "that has one (e.g. `CLIPModel`), otherwise every tower the method supports."
+            "help": "Which towers to prompt: a list from ('vision', 'text', 'multimodal'). None prompts the vision "
+            "tower of a model that has one (e.g. `CLIPModel`), otherwise every tower the method supports "
+            "('multimodal' is a joint text+image encoder such as ViLT)."
         },
     )
     keep_prompts_in_outputs: bool = field(

@@ -37,6 +37,11 @@ class PromptedBlock(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str) -> None:
         self.prompted_adapters[adapter_name] = True
 
+    def _get_available_adapters(self) -> set[str]:
+        # PEFT's default reads `adapter_layer_names`, which is empty here (the prompts live on the tuner), so
+        # `get_layer_status` / `get_model_status` would report no available adapters at all.
+        return set(self.prompted_adapters)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         self._tuner._check_merge_allowed()
 
@@ -61,8 +66,8 @@ class PromptedBlock(nn.Module, BaseTunerLayer):
             if run is None:  # the block is called on its own, outside its tower: nothing to prompt
                 return self.base_layer(hidden_states, *args, **kwargs)
         block_input = self.enter(run, hidden_states)
-        args, kwargs = self._extend_masks(run, args, kwargs)
-        output = self.base_layer(block_input, *args, **kwargs)
+        args, kwargs = self._extend_masks(run, block_input, args, kwargs)
+        output = self._call_base_layer(run, block_input, args, kwargs)
         if isinstance(output, tuple):
             return (self.leave(run, block_input, output[0]), *output[1:])
         return self.leave(run, block_input, output)
@@ -75,12 +80,27 @@ class PromptedBlock(nn.Module, BaseTunerLayer):
         """The sequence handed to the next block (prompts kept, mixed, or removed after the last block)."""
         raise NotImplementedError
 
+    def _call_base_layer(self, run, block_input: torch.Tensor, args: tuple, kwargs: dict):
+        """Run the frozen block on the prompted sequence; methods that also act inside the block override it."""
+        return self.base_layer(block_input, *args, **kwargs)
+
     @staticmethod
-    def _extend_masks(run, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args and isinstance(args[0], torch.Tensor):
-            args = (extend_attention_mask(args[0], run.at, run.count), *args[1:])
-        if isinstance(kwargs.get("attention_mask"), torch.Tensor):
-            kwargs = {**kwargs, "attention_mask": extend_attention_mask(kwargs["attention_mask"], run.at, run.count)}
+    def _extend_masks(run, block_input: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Open the prompt positions in the masks the tower built for its original sequence.
+
+        Only when the prompts are in this block's input: with the key/value-prefix path the block sees the original
+        sequence and the attention extends its key mask itself.
+        """
+
+        def extend(mask):
+            if isinstance(mask, torch.Tensor) and mask.shape[-1] + run.count == block_input.shape[1]:
+                return extend_attention_mask(mask, run.at, run.count, causal=run.causal)
+            return mask
+
+        if args:
+            args = (extend(args[0]), *args[1:])
+        if "attention_mask" in kwargs:
+            kwargs = {**kwargs, "attention_mask": extend(kwargs["attention_mask"])}
         return args, kwargs
 
     def __repr__(self) -> str:

@@ -16,10 +16,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner, _get_tuner_state_dict_key_prefixes
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..layouts import Tower, select_towers
 from .config import AdapterLoadError
+from .kv_prefix import disable_prefix_attention, enable_prefix_attention
 from .layer import PromptedBlock
 from .routing import BatchRoute
 from .surgery import strip_recorded_outputs
@@ -40,6 +42,7 @@ class TowerForward:
     count: int  # number of prompt tokens in the sequence
     prompted_length: int  # sequence length while the prompts are inside
     extras: dict = field(default_factory=dict)  # method-specific state (e.g. readout masks)
+    causal: bool = False  # the tower attends causally (CLIP text): prompts are ordinary causal positions
 
 
 class PromptTunerModel(BaseTuner):
@@ -105,7 +108,12 @@ class PromptTunerModel(BaseTuner):
         }
         config.tower_shapes = {t.kind: [t.num_layers, t.hidden_size] for t in towers}
         device = next(towers[0].blocks.parameters()).device
-        self.banks[adapter_name] = self._create_bank(adapter_name, config, towers).to(device=device)
+        bank = self._create_bank(adapter_name, config, towers)
+        # `PeftModel.from_pretrained(..., low_cpu_mem_usage=True)` builds the tuner under accelerate's
+        # `init_empty_weights`: the bank is then on the meta device until the adapter file is assigned into it.
+        if not any(p.is_meta for p in bank.parameters()):
+            bank = bank.to(device=device)
+        self.banks[adapter_name] = bank
         try:
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=False
@@ -156,10 +164,17 @@ class PromptTunerModel(BaseTuner):
             self._hook_handles.append(tower.root.register_forward_hook(partial(self._on_tower_end, ti)))
             if tower.final_norm is not None:
                 self._hook_handles.append(tower.final_norm.register_forward_hook(partial(self._on_final_norm, ti)))
+            if tower.supports_kv_prefix:
+                for layout in tower.attention_layouts:
+                    enable_prefix_attention(layout.attention, tower.spec)
 
     def _remove_hooks(self) -> None:
         while self._hook_handles:
             self._hook_handles.pop().remove()
+        for tower in self._towers:
+            for layout in tower.attention_layouts:
+                if layout is not None:
+                    disable_prefix_attention(layout.attention)
 
     # ----------------------------------------------------------------------------------------------------------
     # adapter bookkeeping
@@ -208,7 +223,13 @@ class PromptTunerModel(BaseTuner):
         return model
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        pass  # banks are created in float32 and cast to the activations' dtype in forward
+        # Banks are created in float32 and cast to the activations' dtype in forward. With
+        # `autocast_adapter_dtype=False` PEFT's contract is that adapters keep the base model's dtype instead.
+        if autocast_adapter_dtype or adapter_name not in self.banks:
+            return
+        base_dtype = next(self._towers[0].blocks.parameters()).dtype
+        if base_dtype.is_floating_point:
+            self.banks[adapter_name].to(dtype=base_dtype)
 
     # ----------------------------------------------------------------------------------------------------------
     # forward
@@ -228,10 +249,20 @@ class PromptTunerModel(BaseTuner):
                 f"`adapter_names` contains unknown adapters {unknown}; available: {sorted(self.peft_config)}.{hint}"
             )
         self._batch_adapter_names = list(adapter_names)
+        # Trained heads (`modules_to_save`) must follow each sample's adapter too, as PEFT's LoRA routes them.
+        head_hooks = [
+            module.register_forward_pre_hook(
+                partial(_pass_adapter_names, adapter_names=self._batch_adapter_names), with_kwargs=True
+            )
+            for module in self.model.modules()
+            if isinstance(module, AuxiliaryTrainingWrapper)
+        ]
         try:
             yield
         finally:
             self._batch_adapter_names = None
+            for hook in head_hooks:
+                hook.remove()
 
     def _begin_tower_forward(self, tower_index: int, hidden_states: torch.Tensor, active: list[str]) -> TowerForward:
         tower = self._towers[tower_index]
@@ -252,7 +283,9 @@ class PromptTunerModel(BaseTuner):
                 "by prompt length."
             )
         count = next(iter(counts.values()))
-        run = TowerForward(route, tower.num_special_tokens, count, hidden_states.shape[1] + count)
+        run = TowerForward(
+            route, tower.num_special_tokens, count, hidden_states.shape[1] + count, causal=tower.spec.causal
+        )
         self._begin_extras(run, tower, hidden_states)
         self._forward_states[tower_index] = run
         return run
@@ -320,6 +353,10 @@ class PromptTunerModel(BaseTuner):
                 "model is unchanged; check that the adapter folder belongs to this base model and method."
             )
         return remapped
+
+
+def _pass_adapter_names(module, args, kwargs, adapter_names):
+    return args, {**kwargs, "adapter_names": adapter_names}
 
 
 def _roll_back_adapter(peft_model, adapter_name: str) -> None:

@@ -32,6 +32,8 @@ class VisualPromptConfig(PromptConfigBase):
         prompt_dropout (`float`): Dropout on the prompts at every insertion (the official deep VTAB runs use 0.1).
         prompt_projection_dim (`int`, *optional*): Store prompts in this width and map them to the hidden size with
             a learned linear layer (VPT's `PROJECT` option).
+        kv_prefix (`bool`): Run deep prompts as batch-shared key/value prefixes where that is exact (default True);
+            results never depend on the path.
         readout (`str`): `"default"` keeps the model's own readout (the CLS token after the final norm, the official
             supervised-ViT readout); `"mean_unit_norm"` is the official VPT readout for MAE (mean of all tokens
             except CLS, prompts included, then a LayerNorm without affine parameters); `"mean_model_norm"` is the
@@ -60,6 +62,15 @@ class VisualPromptConfig(PromptConfigBase):
     prompt_projection_dim: Optional[int] = field(
         default=None,
         metadata={"help": "If set, prompts are stored with this width and projected to the hidden size (VPT PROJECT)."},
+    )
+    kv_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Run deep prompts as batch-shared key/value prefixes wherever that is exact (their outputs are "
+            "discarded by the next block): same outputs, a fraction of the compute. The concatenation path runs "
+            "where something reads the prompt outputs (mean readouts, kept prompt positions, the last deep block "
+            "before shallow-style blocks, causal towers). False always concatenates."
+        },
     )
     readout: str = field(
         default="default",

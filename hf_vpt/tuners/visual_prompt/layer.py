@@ -5,6 +5,7 @@ import math
 import torch
 from torch import nn
 
+from ...core.kv_prefix import PREFIX_KWARG
 from ...core.layer import PromptedBlock
 from ...core.surgery import insert_tokens, remove_tokens, replace_tokens
 from ...layouts import Tower
@@ -53,12 +54,21 @@ class VisualPromptBank(nn.Module):
 
 
 class VisualPromptBlock(PromptedBlock):
-    """Inserts the prompts before block 0, replaces them before deep blocks, removes them after the last block."""
+    """Inserts the prompts before block 0, replaces them before deep blocks, removes them after the last block.
+
+    Blocks listed in the forward's `kv_prefix_blocks` (deep blocks whose prompt outputs nobody reads) leave the
+    sequence alone and hand their prompts to the attention as a key/value prefix instead; see `core/kv_prefix.py`.
+    """
+
+    def _uses_kv_prefix(self, run) -> bool:
+        return self.block_index in run.extras.get("kv_prefix_blocks", ())
 
     def enter(self, run, hidden_states: torch.Tensor) -> torch.Tensor:
         tuner, kind, index = self._tuner, self.tower.kind, self.block_index
-        if index == 0:
-            return insert_tokens(hidden_states, tuner._gather_prompts(run, kind, 0, hidden_states.dtype), run.at)
+        if self._uses_kv_prefix(run):
+            return hidden_states
+        if hidden_states.shape[1] != run.prompted_length:  # first block that carries the prompts in the sequence
+            return insert_tokens(hidden_states, tuner._gather_prompts(run, kind, index, hidden_states.dtype), run.at)
         has_row = run.route.sample_mask(lambda name: tuner.banks[name].num_rows(kind) > index, hidden_states.device)
         if has_row is None:  # shallow, or past the last deep block: prompts flow on
             return hidden_states
@@ -68,8 +78,14 @@ class VisualPromptBlock(PromptedBlock):
             new = torch.where(has_row[:, None, None], new, old)
         return replace_tokens(hidden_states, new, run.at)
 
+    def _call_base_layer(self, run, block_input: torch.Tensor, args: tuple, kwargs: dict):
+        if self._uses_kv_prefix(run):
+            prefix = self._tuner._kv_prefix(run, self.tower, self.block_index, block_input.dtype)
+            kwargs = {**kwargs, PREFIX_KWARG: prefix}
+        return self.base_layer(block_input, *args, **kwargs)
+
     def leave(self, run, block_input: torch.Tensor, block_output: torch.Tensor) -> torch.Tensor:
-        if not self.is_last_block:
+        if not self.is_last_block or block_output.shape[1] != run.prompted_length:
             return block_output
         mean_readout = run.extras.get("mean_readout")
         pooled = block_output[:, 1:].mean(dim=1) if mean_readout is not None else None

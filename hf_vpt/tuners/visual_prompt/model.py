@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ...core.kv_prefix import KVPrefix, project_prefix
 from ...core.tuner import PromptTunerModel, TowerForward
 from ...layouts import Tower
 from .config import VisualPromptConfig
@@ -30,10 +31,18 @@ class VisualPromptModel(PromptTunerModel):
 
     prefix: str = "visual_prompt_"
     tuner_layer_cls = VisualPromptBlock
+    # `towers=None` still means "the vision tower if the model has one" (see `select_towers`): `CLIPModel` gets
+    # vision prompts only, `CLIPTextModel` text prompts (after BOS) and ViLT prompts after its text [CLS].
+    supported_tower_kinds = ("vision", "text", "multimodal")
 
     def _create_bank(self, adapter_name: str, config: VisualPromptConfig, towers: list[Tower]) -> VisualPromptBank:
         if config.readout != "default":
             for tower in towers:
+                if tower.kind != "vision":
+                    raise ValueError(
+                        f"`readout={config.readout!r}` is a vision-tower readout (MAE); the {tower.spec.name} keeps "
+                        "its own readout. Use readout='default' or `towers=['vision']`."
+                    )
                 if tower.num_special_tokens == 0:
                     raise ValueError(
                         f"`readout={config.readout!r}` writes the pooled feature into the CLS slot, but the "
@@ -46,6 +55,37 @@ class VisualPromptModel(PromptTunerModel):
         readout = {name: self.peft_config[name].readout for name in run.route.adapters}
         run.extras["mean_readout"] = run.route.sample_mask(lambda n: readout[n] != "default", device)
         run.extras["unit_norm_readout"] = run.route.sample_mask(lambda n: readout[n] == "mean_unit_norm", device)
+        run.extras["kv_prefix_blocks"] = self._kv_prefix_blocks(run, tower)
+
+    def _kv_prefix_blocks(self, run: TowerForward, tower: Tower) -> frozenset[int]:
+        """The blocks whose prompt outputs nobody reads, so their prompts can be a key/value prefix."""
+        configs = [self.peft_config[name] for name in run.route.adapters]
+        exact = tower.supports_kv_prefix and all(
+            c.kv_prefix and c.depth == "deep" and c.readout == "default" and not c.keep_prompts_in_outputs
+            for c in configs
+        )
+        rows = {self.banks[name].num_rows(tower.kind) for name in run.route.adapters}
+        if not exact or len(rows) != 1:
+            return frozenset()
+        (rows,) = rows
+        # block i's prompt outputs are replaced by block i+1's prompts while i + 1 < rows; with prompts in every
+        # block, the last block's prompt outputs are dropped after it
+        blocks = set(range(rows - 1))
+        if rows == tower.num_layers:
+            blocks.add(tower.num_layers - 1)
+        return frozenset(blocks)
+
+    def _kv_prefix(self, run: TowerForward, tower: Tower, block: int, dtype: torch.dtype) -> KVPrefix:
+        """Keys and values of block `block`'s prompts: once for the batch, or per sample (mixed adapters, dropout)."""
+        bank = self.banks[run.route.adapters[0]]
+        dropout_active = any(
+            self.banks[name].dropout.training and self.banks[name].dropout.p > 0 for name in run.route.adapters
+        )
+        if run.route.sample_groups is None and not dropout_active:
+            prompts = bank.prompts(tower.kind, block)[None].to(dtype)
+        else:
+            prompts = self._gather_prompts(run, tower.kind, block, dtype)
+        return project_prefix(tower.attention_layouts[block], prompts, run.at)
 
     def _gather_prompts(self, run: TowerForward, kind: str, row: int, dtype: torch.dtype) -> torch.Tensor:
         """`[B, p, d]` prompts of block `row` for every sample, cast to the activations' dtype, with dropout."""

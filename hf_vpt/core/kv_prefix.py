@@ -1,0 +1,124 @@
+"""Deep prompts as batch-shared key/value prefixes: the exact fast path of VPT-deep.
+
+In VPT-deep the outputs at the prompt positions of block i are thrown away before block i+1, so block i's prompts
+matter only as keys and values, `k_proj(LN(P_i))` and `v_proj(LN(P_i))`. They do not depend on the sample: computed
+once per block and spliced into the keys and values of the real tokens, they give the same attention as inserting
+the prompts into the sequence, while the queries, the output projection and the MLP run on the real tokens only.
+
+How the prefix reaches the attention: the block wrapper passes it as a keyword argument through the frozen block
+(transformers blocks forward `**kwargs` to their attention, and gradient checkpointing replays the same kwargs), and
+the attention module's instance-level `forward` is replaced, while an adapter is attached, by
+`prefix_attention_forward`, which runs the module's own projections and its configured attention implementation
+(SDPA, eager, ...) with the spliced keys and values, or the untouched forward when no prefix is given.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+PREFIX_KWARG = "hf_vpt_kv_prefix"
+
+
+@dataclass
+class KVPrefix:
+    keys: torch.Tensor  # [1 or B, heads, p, head_dim]
+    values: torch.Tensor  # [1 or B, heads, p, head_dim]
+    at: int  # where the prompts would sit in the sequence; keeps the concatenation path's key order
+
+
+@dataclass
+class AttentionLayout:
+    """The parts of one block that the prefix path needs."""
+
+    norm: nn.Module  # the LayerNorm applied before attention
+    attention: nn.Module  # the module that owns the q/k/v/o projections
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    output: nn.Linear
+
+
+def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for name in names:
+        child = getattr(module, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    return None
+
+
+def find_attention_layout(block: nn.Module, spec) -> AttentionLayout | None:
+    """Structure of a pre-norm block whose attention owns q/k/v/o projections and calls the attention interface.
+
+    Returns None for attentions of another shape (ViLT keeps its output projection in a sibling module): the
+    concatenation path serves those.
+    """
+    for module in block.modules():
+        query, key, value = (_child(module, names) for names in (spec.query_names, spec.key_names, spec.value_names))
+        output = _child(module, spec.output_names)
+        if all(isinstance(m, nn.Linear) for m in (query, key, value, output)) and hasattr(module, "config"):
+            norm = _child(block, spec.attention_norm_names)
+            if isinstance(norm, nn.LayerNorm) and hasattr(module, "head_dim"):
+                return AttentionLayout(norm, module, query, key, value, output)
+    return None
+
+
+def project_prefix(layout: AttentionLayout, prompts: torch.Tensor, at: int) -> KVPrefix:
+    """Keys and values of `[b, p, d]` prompts (b = 1 when they are shared by the whole batch)."""
+    normed = layout.norm(prompts)
+    heads_shape = (*prompts.shape[:2], -1, layout.attention.head_dim)
+    keys = layout.key(normed).view(heads_shape).transpose(1, 2)
+    values = layout.value(normed).view(heads_shape).transpose(1, 2)
+    return KVPrefix(keys, values, at)
+
+
+def _splice(states: torch.Tensor, prefix: torch.Tensor, at: int) -> torch.Tensor:
+    prefix = prefix.expand(states.shape[0], -1, -1, -1)
+    return torch.cat([states[:, :, :at], prefix, states[:, :, at:]], dim=2)
+
+
+def _extend_key_mask(mask: torch.Tensor, at: int, count: int) -> torch.Tensor:
+    """Make `count` prefix keys visible to every query of a 2-D `[B, K]` or 4-D `[B, h, Q, K]` mask."""
+    visible = torch.ones((), dtype=torch.bool) if mask.dtype == torch.bool else torch.zeros((), dtype=mask.dtype)
+    new = visible.to(mask.device).expand(*mask.shape[:-1], count)
+    return torch.cat([mask[..., :at], new, mask[..., at:]], dim=-1)
+
+
+def prefix_attention_forward(module: nn.Module, spec, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+    prefix: KVPrefix | None = kwargs.pop(PREFIX_KWARG, None)
+    if prefix is None:
+        return type(module).forward(module, hidden_states, attention_mask, **kwargs)
+    input_shape = hidden_states.shape[:-1]
+    heads_shape = (*input_shape, -1, module.head_dim)
+    projections = [_child(module, names) for names in (spec.query_names, spec.key_names, spec.value_names)]
+    query, key, value = (proj(hidden_states).view(heads_shape).transpose(1, 2) for proj in projections)
+    key = _splice(key, prefix.keys.to(key.dtype), prefix.at)
+    value = _splice(value, prefix.values.to(value.dtype), prefix.at)
+    if attention_mask is not None:
+        attention_mask = _extend_key_mask(attention_mask, prefix.at, prefix.keys.shape[2])
+    # the model's own eager function is the fallback, as in its attention module
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
+    scaling = getattr(module, "scaling", None) or getattr(module, "scale", None)
+    dropout = getattr(module, "attention_dropout", getattr(module, "dropout", 0.0))
+    output, weights = interface(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout if module.training else 0.0,
+        **kwargs,
+    )
+    output = output.reshape(*input_shape, -1).contiguous()
+    return _child(module, spec.output_names)(output), weights
+
+
+def enable_prefix_attention(attention: nn.Module, spec) -> None:
+    """Let `attention` accept a key/value prefix; without one it runs exactly its own forward."""
+    attention.forward = partial(prefix_attention_forward, attention, spec)
+
+
+def disable_prefix_attention(attention: nn.Module) -> None:
+    attention.__dict__.pop("forward", None)
