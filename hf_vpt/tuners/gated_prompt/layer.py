@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from ...core.surgery import replace_tokens
+from ...layouts import Tower
+from ..visual_prompt.layer import VisualPromptBank, VisualPromptBlock
+from .config import GatedPromptConfig
+
+
+class GatedPromptBank(VisualPromptBank):
+    """One adapter's parameters, all float32 and path-free, per tower kind:
+
+    - `embeddings[kind]`: the `[1, p, width]` shallow prompts (and `projection[kind]` if configured), as in VPT;
+    - `gate_logits[kind]`: `[L - 1]` gate logits γ, one per block but the last, initialised to `−gate_init`;
+    - `temperatures[kind]`: `[L]` attention temperatures τ initialised to 1 (absent if `learn_temperature=False`).
+    """
+
+    def __init__(self, config: GatedPromptConfig, towers: list[Tower]):
+        super().__init__(config, towers)
+        self.gate_logits = nn.ParameterDict()
+        self.temperatures = nn.ParameterDict()
+        for tower in towers:
+            num_gates = max(tower.num_layers - 1, 0)
+            self.gate_logits[tower.kind] = nn.Parameter(torch.full((num_gates,), -config.gate_init))
+            if config.learn_temperature:
+                self.temperatures[tower.kind] = nn.Parameter(torch.ones(tower.num_layers))
+
+    def gate_logit(self, kind: str, block: int) -> torch.Tensor:
+        return self.gate_logits[kind][block]
+
+    def temperature(self, kind: str, block: int) -> torch.Tensor:
+        """τ of one block; a constant 1 when the adapter does not learn temperatures."""
+        if kind in self.temperatures:
+            return self.temperatures[kind][block]
+        logits = self.gate_logits[kind]
+        return torch.ones((), device=logits.device, dtype=logits.dtype)
+
+    @torch.no_grad()
+    def clamp_temperatures_(self, low: float, high: float) -> None:
+        """Clamp τ in place, outside autograd (through `.data`, as the official code does, so a graph that already
+        used τ stays valid)."""
+        for temperature in self.temperatures.values():
+            temperature.data.clamp_(low, high)
+
+
+class GatedPromptBlock(VisualPromptBlock):
+    """VPT-shallow insertion before block 0, temperature-scaled queries inside every block, gated prompt mixing
+    after blocks 0..L-2, and prompt removal (plus the optional mean readout) after the last block."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # `[B, 1, 1]` factor 1/τ for the query projection while this block runs prompted; None otherwise, so the
+        # query hook is a no-op when adapters are disabled or the block is called on its own.
+        self._active_query_scale: torch.Tensor | None = None
+
+    def enter(self, run, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.block_index == 0:
+            return super().enter(run, hidden_states)
+        return hidden_states  # shallow prompts flow on from block to block
+
+    def leave(self, run, block_input: torch.Tensor, block_output: torch.Tensor) -> torch.Tensor:
+        if self.is_last_block:
+            return super().leave(run, block_input, block_output)
+        gate = self._tuner._gate(run, self.tower.kind, self.block_index).view(-1, 1, 1)
+        start, stop = run.at, run.at + run.count
+        new, old = block_output[:, start:stop], block_input[:, start:stop]
+        mixed = gate * new.float() + (1 - gate) * old.float()
+        return replace_tokens(block_output, mixed.to(block_output.dtype), run.at)
+
+    def _call_base_layer(self, run, block_input: torch.Tensor, args: tuple, kwargs: dict):
+        scale = self._tuner._query_scale(run, self.tower.kind, self.block_index)
+        if scale is None:
+            return self.base_layer(block_input, *args, **kwargs)
+        base = self.base_layer
+        if getattr(base, "gradient_checkpointing", False) and base.training and torch.is_grad_enabled():
+            # transformers would recompute the block in backward without this block's 1/τ; checkpoint the block
+            # here instead, with the scale as an input, so the recomputation scales the queries the same way.
+            return base._gradient_checkpointing_func(partial(self._scaled_call, **kwargs), scale, block_input, *args)
+        return self._scaled_call(scale, block_input, *args, **kwargs)
+
+    def _scaled_call(self, scale: torch.Tensor, block_input: torch.Tensor, *args, **kwargs):
+        base = self.base_layer
+        inner_checkpointing = getattr(base, "gradient_checkpointing", False)
+        self._active_query_scale = scale
+        try:
+            if inner_checkpointing:
+                base.gradient_checkpointing = False
+            return base(block_input, *args, **kwargs)
+        finally:
+            self._active_query_scale = None
+            if inner_checkpointing:
+                base.gradient_checkpointing = True
+
+    def _scale_query_output(self, module: nn.Module, args, output: torch.Tensor):
+        """Forward hook on the block's query projection: `q / τ` gives `softmax(q·kᵀ / (sqrt(d_head)·τ))` exactly."""
+        if self._active_query_scale is None:
+            return None
+        return output * self._active_query_scale.to(output.dtype)
