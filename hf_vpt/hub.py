@@ -38,8 +38,17 @@ METHODS = {
     ),
 }
 _SKIPPED_FIELDS = {
-    "base_model_name_or_path", "revision", "peft_type", "task_type", "inference_mode", "auto_mapping",
-    "peft_version", "target_modules", "exclude_modules", "target_parameters", "tower_shapes",
+    "base_model_name_or_path",
+    "revision",
+    "peft_type",
+    "task_type",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "target_modules",
+    "exclude_modules",
+    "target_parameters",
+    "tower_shapes",
 }
 
 

@@ -9,8 +9,8 @@ releases (`vit.encoder.layer.N.attention.attention.query` became `vit.layers.N.a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import nn
 

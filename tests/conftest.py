@@ -15,7 +15,7 @@ import transformers  # noqa: E402
 
 IMAGE = 32
 PATCH = 8
-COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+COMMON = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64}
 
 
 def _vit(**extra):

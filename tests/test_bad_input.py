@@ -50,8 +50,9 @@ def _assert_unchanged(model, snapshot):
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
     model = transformers.BertModel(config)
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match="supports these transformers architectures: ViT, DeiT"):
@@ -60,9 +61,16 @@ def test_unsupported_architecture_names_the_supported_ones():
 
 
 def test_mae_with_masking_is_rejected_with_the_fix():
-    model = transformers.ViTMAEModel(transformers.ViTMAEConfig(image_size=32, patch_size=8, hidden_size=32,
-                                                               num_hidden_layers=2, num_attention_heads=4,
-                                                               intermediate_size=64))
+    model = transformers.ViTMAEModel(
+        transformers.ViTMAEConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+        )
+    )
     with pytest.raises(ValueError, match="mask_ratio=0.0"):
         get_peft_model(model, hf_vpt.VisualPromptConfig())
 
@@ -74,14 +82,23 @@ def test_mean_readout_on_a_model_without_cls_token():
 
 @pytest.fixture
 def saved_adapter(tmp_path):
-    model = get_peft_model(build("vit"), hf_vpt.VisualPromptConfig(num_prompt_tokens=4, modules_to_save=["classifier"]))
+    model = get_peft_model(
+        build("vit"), hf_vpt.VisualPromptConfig(num_prompt_tokens=4, modules_to_save=["classifier"])
+    )
     model.save_pretrained(tmp_path)
     return tmp_path
 
 
 def _wider_vit():
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3,
-                                    num_attention_heads=4, intermediate_size=64, num_labels=5)
+    config = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=5,
+    )
     return transformers.ViTForImageClassification(config).eval()
 
 
@@ -94,8 +111,15 @@ def test_adapter_for_another_hidden_size_is_rejected_before_the_model_changes(sa
 
 
 def test_adapter_for_another_depth_is_rejected(saved_adapter):
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=5,
-                                    num_attention_heads=4, intermediate_size=64, num_labels=5)
+    config = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=5,
+    )
     model = transformers.ViTForImageClassification(config)
     with pytest.raises(hf_vpt.AdapterLoadError, match="3 blocks"):
         PeftModel.from_pretrained(model, saved_adapter)

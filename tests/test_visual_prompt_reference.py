@@ -141,8 +141,12 @@ def _plain_vit_logits(model, pixel_values, prompts, deep_rows):
     """ViT-with-VPT written out from the raw weights: patchify, attention, MLP, norms, head."""
     vit, cfg = model.vit, model.config
     emb = vit.embeddings
-    patches = F.conv2d(pixel_values, emb.patch_embeddings.projection.weight, emb.patch_embeddings.projection.bias,
-                       stride=cfg.patch_size)
+    patches = F.conv2d(
+        pixel_values,
+        emb.patch_embeddings.projection.weight,
+        emb.patch_embeddings.projection.bias,
+        stride=cfg.patch_size,
+    )
     x = patches.flatten(2).transpose(1, 2)
     x = torch.cat([emb.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + emb.position_embeddings
     batch, p, heads = x.shape[0], prompts.shape[1], cfg.num_attention_heads
@@ -156,10 +160,13 @@ def _plain_vit_logits(model, pixel_values, prompts, deep_rows):
         q, k, v = (F.linear(y, proj.weight, proj.bias) for proj in (a.q_proj, a.k_proj, a.v_proj))
         q, k, v = (t.view(batch, -1, heads, cfg.hidden_size // heads).transpose(1, 2) for t in (q, k, v))
         attn = torch.softmax(q @ k.transpose(-1, -2) / (cfg.hidden_size // heads) ** 0.5, dim=-1)
-        x = x + F.linear((attn @ v).transpose(1, 2).reshape(batch, -1, cfg.hidden_size), a.o_proj.weight, a.o_proj.bias)
+        x = x + F.linear(
+            (attn @ v).transpose(1, 2).reshape(batch, -1, cfg.hidden_size), a.o_proj.weight, a.o_proj.bias
+        )
         y = F.layer_norm(x, (cfg.hidden_size,), layer.layernorm_after.weight, layer.layernorm_after.bias, eps)
-        x = x + F.linear(F.gelu(F.linear(y, layer.mlp.fc1.weight, layer.mlp.fc1.bias)), layer.mlp.fc2.weight,
-                         layer.mlp.fc2.bias)
+        x = x + F.linear(
+            F.gelu(F.linear(y, layer.mlp.fc1.weight, layer.mlp.fc1.bias)), layer.mlp.fc2.weight, layer.mlp.fc2.bias
+        )
     x = F.layer_norm(x, (cfg.hidden_size,), vit.layernorm.weight, vit.layernorm.bias, eps)
     return F.linear(x[:, 0], model.classifier.weight, model.classifier.bias)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -21,7 +20,7 @@ class AdapterLoadError(ValueError):
 class PromptConfigBase(PeftConfig):
     """Fields every hf_vpt method has. Method configs subclass it and add their own hyper-parameters."""
 
-    towers: Optional[list[str]] = field(
+    towers: list[str] | None = field(
         default=None,
         metadata={
             "help": "Which towers to prompt: a list from ('vision', 'text', 'multimodal'). None prompts the vision "
@@ -36,25 +35,25 @@ class PromptConfigBase(PeftConfig):
             "right after the special tokens). By default the caller sees the original sequence length."
         },
     )
-    tower_shapes: Optional[dict[str, list[int]]] = field(
+    tower_shapes: dict[str, list[int]] | None = field(
         default=None,
         metadata={
             "help": "Recorded when the adapter is created: {tower kind: [number of blocks, hidden size]}. Loading "
             "checks it against the model so an adapter never lands on a backbone of another shape."
         },
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Modules trained and saved next to the prompts, typically the new head: ['classifier']."},
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Unused: hf_vpt finds the blocks by structure. Kept for PEFT compatibility."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Unused; kept for PEFT compatibility."}
     )
-    target_parameters: Optional[list[str]] = field(
+    target_parameters: list[str] | None = field(
         default=None, metadata={"help": "Unused; kept for PEFT compatibility."}
     )
 
@@ -97,7 +96,9 @@ class PromptConfigBase(PeftConfig):
         found = {k: v for k, v in shapes.items() if k.startswith(self.bank_key_prefix)}
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
-        mismatched = [f"{k}: file {found[k]} vs config {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+        mismatched = [
+            f"{k}: file {found[k]} vs config {expected[k]}" for k in expected if k in found and found[k] != expected[k]
+        ]
         if missing or unexpected or mismatched:
             raise AdapterLoadError(
                 f"'{weights_path}' does not match its adapter_config.json: missing tensors {missing}, unexpected "
@@ -106,7 +107,7 @@ class PromptConfigBase(PeftConfig):
             )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         config.check_adapter_file(_locate_weights(pretrained_model_name_or_path, subfolder, kwargs))
         return config
@@ -126,7 +127,7 @@ class PromptConfigBase(PeftConfig):
         write_model_card(save_directory, self)
 
 
-def _locate_weights(name_or_path: str, subfolder: Optional[str], kwargs: dict) -> str:
+def _locate_weights(name_or_path: str, subfolder: str | None, kwargs: dict) -> str:
     folder = os.path.join(name_or_path, subfolder) if subfolder else name_or_path
     if os.path.isdir(folder):
         safetensors_path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)

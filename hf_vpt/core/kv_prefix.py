@@ -108,7 +108,13 @@ def prefix_attention_forward(module: nn.Module, spec, hidden_states: torch.Tenso
     scaling = getattr(module, "scaling", None) or getattr(module, "scale", None)
     dropout = getattr(module, "attention_dropout", getattr(module, "dropout", 0.0))
     output, weights = interface(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout if module.training else 0.0,
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=scaling,
+        dropout=dropout if module.training else 0.0,
         **kwargs,
     )
     output = output.reshape(*input_shape, -1).contiguous()

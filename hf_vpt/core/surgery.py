@@ -27,9 +27,7 @@ def remove_tokens(hidden: torch.Tensor, at: int, count: int) -> torch.Tensor:
     return torch.cat([hidden[:, :at], hidden[:, at + count :]], dim=1)
 
 
-def extend_attention_mask(
-    mask: torch.Tensor | None, at: int, count: int, causal: bool = False
-) -> torch.Tensor | None:
+def extend_attention_mask(mask: torch.Tensor | None, at: int, count: int, causal: bool = False) -> torch.Tensor | None:
     """Open `count` new positions at `at` in a 2-D padding mask `[B, K]` or a 4-D mask `[B, h, Q, K]`.
 
     New positions are visible to every query and see every key that is not masked for the query they were cloned
@@ -108,7 +106,5 @@ def strip_recorded_outputs(output, at: int, count: int, prompted_length: int):
                 output[key] = _strip_tuple(output[key], at, count, prompted_length)
         return output
     if isinstance(output, tuple):
-        return tuple(
-            _strip_tuple(v, at, count, prompted_length) if isinstance(v, tuple) else v for v in output
-        )
+        return tuple(_strip_tuple(v, at, count, prompted_length) if isinstance(v, tuple) else v for v in output)
     return output

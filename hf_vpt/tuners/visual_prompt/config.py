@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..._registry import peft_type
 from ...core.config import PromptConfigBase
@@ -46,7 +45,7 @@ class VisualPromptConfig(PromptConfigBase):
         default="deep",
         metadata={"help": "'shallow' (prompts enter before block 0) or 'deep' (new prompts before every block)."},
     )
-    num_deep_layers: Optional[int] = field(
+    num_deep_layers: int | None = field(
         default=None,
         metadata={"help": "With depth='deep': give new prompts only to the first k blocks (None: all blocks)."},
     )
@@ -59,9 +58,11 @@ class VisualPromptConfig(PromptConfigBase):
     prompt_dropout: float = field(
         default=0.0, metadata={"help": "Dropout rate on the prompts at each insertion, in [0, 1)."}
     )
-    prompt_projection_dim: Optional[int] = field(
+    prompt_projection_dim: int | None = field(
         default=None,
-        metadata={"help": "If set, prompts are stored with this width and projected to the hidden size (VPT PROJECT)."},
+        metadata={
+            "help": "If set, prompts are stored with this width and projected to the hidden size (VPT PROJECT)."
+        },
     )
     kv_prefix: bool = field(
         default=True,
@@ -98,7 +99,9 @@ class VisualPromptConfig(PromptConfigBase):
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"`prompt_dropout` must be in [0, 1); got {self.prompt_dropout!r}.")
         if self.prompt_projection_dim is not None and self.prompt_projection_dim < 1:
-            raise ValueError(f"`prompt_projection_dim` must be a positive integer; got {self.prompt_projection_dim!r}.")
+            raise ValueError(
+                f"`prompt_projection_dim` must be a positive integer; got {self.prompt_projection_dim!r}."
+            )
         if self.readout not in READOUTS:
             raise ValueError(f"`readout` must be one of {READOUTS}; got {self.readout!r}.")
 
@@ -116,7 +119,11 @@ class VisualPromptConfig(PromptConfigBase):
         shapes = {}
         for kind, (num_layers, hidden) in (self.tower_shapes or {}).items():
             width = self.prompt_projection_dim or hidden
-            shapes[f"{self.bank_key_prefix}embeddings.{kind}"] = (self.prompt_rows(num_layers), self.num_prompt_tokens, width)
+            shapes[f"{self.bank_key_prefix}embeddings.{kind}"] = (
+                self.prompt_rows(num_layers),
+                self.num_prompt_tokens,
+                width,
+            )
             if self.prompt_projection_dim:
                 shapes[f"{self.bank_key_prefix}projection.{kind}.weight"] = (hidden, width)
                 shapes[f"{self.bank_key_prefix}projection.{kind}.bias"] = (hidden,)
