@@ -100,8 +100,8 @@ class Tower:
 
     @property
     def supports_kv_prefix(self) -> bool:
-        """Deep prompts can run as key/value prefixes (bidirectional attention of a known shape in every block)."""
-        return not self.spec.causal and bool(self.attention_layouts) and all(self.attention_layouts)
+        """Deep prompts can run as key/value prefixes (an attention of a known shape in every block)."""
+        return bool(self.attention_layouts) and all(self.attention_layouts)
 
     def query_projection(self, block: nn.Module) -> nn.Linear:
         return _find_projection(block, self.spec.query_names, "query")

@@ -172,3 +172,41 @@ def test_unload_restores_the_attention_modules():
     base = prefix.unload()
     for layer in base.vit.layers:
         assert "forward" not in layer.attention.__dict__
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_causal_text_tower_prefix_respects_causality_and_padding(attn, prefix_calls):
+    """CLIP's text tower: prompts after BOS; BOS must not see them, every later token must, padding stays masked."""
+    import transformers
+
+    outputs = []
+    for kv_prefix in (True, False):
+        torch.manual_seed(0)
+        config = transformers.CLIPTextConfig(
+            vocab_size=99,
+            max_position_embeddings=16,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            eos_token_id=2,
+        )
+        base = transformers.CLIPTextModel(config).eval()
+        base.set_attn_implementation(attn)
+        model = get_peft_model(base, hf_vpt.VisualPromptConfig(num_prompt_tokens=3, kv_prefix=kv_prefix)).eval()
+        with torch.no_grad():
+            for param in model.base_model.visual_prompt_bank.parameters():
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(4)))
+        ids = torch.randint(3, 98, (2, 7), generator=torch.Generator().manual_seed(5))
+        ids[:, -1] = 2
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, 5:] = 0
+        out = model(input_ids=ids, attention_mask=mask)
+        out.pooler_output.square().sum().backward()
+        outputs.append((out, _prompt_grads(model)))
+    (prefix_out, prefix_grads), (concat_out, concat_grads) = outputs
+    assert len(prefix_calls) == 3
+    torch.testing.assert_close(prefix_out.last_hidden_state, concat_out.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prefix_out.pooler_output, concat_out.pooler_output, atol=1e-5, rtol=1e-5)
+    for a, b in zip(prefix_grads, concat_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

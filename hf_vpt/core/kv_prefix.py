@@ -83,10 +83,30 @@ def _splice(states: torch.Tensor, prefix: torch.Tensor, at: int) -> torch.Tensor
     return torch.cat([states[:, :, :at], prefix, states[:, :, at:]], dim=2)
 
 
-def _extend_key_mask(mask: torch.Tensor, at: int, count: int) -> torch.Tensor:
-    """Make `count` prefix keys visible to every query of a 2-D `[B, K]` or 4-D `[B, h, Q, K]` mask."""
-    visible = torch.ones((), dtype=torch.bool) if mask.dtype == torch.bool else torch.zeros((), dtype=mask.dtype)
-    new = visible.to(mask.device).expand(*mask.shape[:-1], count)
+def _prefix_mask(mask, causal: bool, num_queries: int, count: int, at: int, dtype, device) -> torch.Tensor | None:
+    """The key mask with the `count` prefix keys opened at `at`.
+
+    Non-causal: every query sees the prefix. Causal (CLIP's text tower): the prompts sit after the first `at` tokens,
+    so a query sees them iff it comes after them, exactly as when they are in the sequence.
+    """
+    if mask is None and not causal:
+        return None
+    queries = torch.arange(num_queries, device=device)[:, None]
+    if mask is None:  # causal attention that relied on `is_causal`: spell it out, keys may no longer equal queries
+        allowed = torch.arange(num_queries, device=device)[None, :] <= queries
+        mask = torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
+    prompt_visible = (queries >= at) if causal else torch.ones_like(queries, dtype=torch.bool)
+    prompt_visible = prompt_visible.expand(num_queries, count)
+    if mask.shape[-2] == 1:  # a padding mask broadcast over queries (non-causal only)
+        prompt_visible = prompt_visible[:1]
+    if mask.dtype == torch.bool:
+        new = prompt_visible
+    else:
+        new = torch.where(prompt_visible, 0.0, torch.finfo(mask.dtype).min).to(mask.dtype)
+    if mask.dim() == 2:  # [B, K] padding mask
+        new = new[:1].expand(mask.shape[0], count).to(mask.dtype)
+    else:
+        new = new.expand(*mask.shape[:-2], *new.shape)
     return torch.cat([mask[..., :at], new, mask[..., at:]], dim=-1)
 
 
@@ -100,8 +120,11 @@ def prefix_attention_forward(module: nn.Module, spec, hidden_states: torch.Tenso
     query, key, value = (proj(hidden_states).view(heads_shape).transpose(1, 2) for proj in projections)
     key = _splice(key, prefix.keys.to(key.dtype), prefix.at)
     value = _splice(value, prefix.values.to(value.dtype), prefix.at)
-    if attention_mask is not None:
-        attention_mask = _extend_key_mask(attention_mask, prefix.at, prefix.keys.shape[2])
+    causal = kwargs.pop("is_causal", None)
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    attention_mask = _prefix_mask(
+        attention_mask, causal, input_shape[-1], prefix.keys.shape[2], prefix.at, query.dtype, query.device
+    )
     # the model's own eager function is the fallback, as in its attention module
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
@@ -115,6 +138,7 @@ def prefix_attention_forward(module: nn.Module, spec, hidden_states: torch.Tenso
         attention_mask,
         scaling=scaling,
         dropout=dropout if module.training else 0.0,
+        is_causal=False,  # causality, if any, is in the mask now
         **kwargs,
     )
     output = output.reshape(*input_shape, -1).contiguous()
