@@ -7,6 +7,7 @@ Importing the package registers its methods with PEFT, so `get_peft_model`, `Pef
 from .core.config import AdapterLoadError
 from .layouts import SUPPORTED_ARCHITECTURES, find_towers
 from .tuners import VisualPromptConfig, VisualPromptModel
+from .tuners.approx_prompt import ApproxPromptConfig, ApproxPromptModel
 from .tuners.gated_prompt import GatedPromptConfig, GatedPromptModel, gate_values
 
 
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "AdapterLoadError",
+    "ApproxPromptConfig",
+    "ApproxPromptModel",
     "GatedPromptConfig",
     "GatedPromptModel",
     "VisualPromptConfig",

@@ -60,6 +60,8 @@ SUPPORTED_ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec("SigLIP vision tower", ("SiglipVisionModel", "SiglipVisionTransformer"), "vision", lambda c: 0),
     # Prompts go right after the BOS token and are causal positions: every text token sees them, BOS does not.
     ArchitectureSpec("CLIP text tower", ("CLIPTextModel", "CLIPTextTransformer"), "text", lambda c: 1, causal=True),
+    # No BOS/CLS token: prompts go first; the pooled (last) token is unaffected once they are removed.
+    ArchitectureSpec("SigLIP text tower", ("SiglipTextModel", "SiglipTextTransformer"), "text", lambda c: 0),
     # One joint text+image encoder: sequence [text CLS, text, image CLS, patches]; prompts go after the text CLS.
     ArchitectureSpec("ViLT", ("ViltModel",), "multimodal", lambda c: 1),
 )

@@ -210,3 +210,29 @@ def test_causal_text_tower_prefix_respects_causality_and_padding(attn, prefix_ca
     torch.testing.assert_close(prefix_out.pooler_output, concat_out.pooler_output, atol=1e-5, rtol=1e-5)
     for a, b in zip(prefix_grads, concat_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_siglip_text_tower_prefix_equals_concatenation(prefix_calls):
+    import transformers
+
+    outputs = []
+    for kv_prefix in (True, False):
+        torch.manual_seed(0)
+        config = transformers.SiglipTextConfig(
+            vocab_size=99,
+            max_position_embeddings=16,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+        )
+        base = transformers.SiglipTextModel(config).eval()
+        model = get_peft_model(base, hf_vpt.VisualPromptConfig(num_prompt_tokens=3, kv_prefix=kv_prefix)).eval()
+        with torch.no_grad():
+            for param in model.base_model.visual_prompt_bank.parameters():
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(4)))
+            ids = torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(5))
+            outputs.append(model(input_ids=ids))
+    assert len(prefix_calls) == 3
+    torch.testing.assert_close(outputs[0].pooler_output, outputs[1].pooler_output, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[0].last_hidden_state, outputs[1].last_hidden_state, atol=1e-5, rtol=1e-5)

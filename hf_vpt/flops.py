@@ -1,0 +1,118 @@
+"""Extra forward FLOPs of prompt methods, from closed-form counts (1 multiply-accumulate = 2 FLOPs).
+
+Only matrix products are counted, the convention of `torch.utils.flop_counter.FlopCounterMode` and of the APT paper
+(element-wise ops, norms, softmax/ReLU and the max are ignored). Per prompted block, with `N` real tokens, `p` prompts,
+width `d`, MLP width `d_ff`, key-map rank `r` and batch `B`:
+
+* APT: `B·(2·N·p·d + 2·N·p·d)` for `X̂·K̃ᵀ` and `a·P`, plus `2·(2·p·d·r)` for the key map `P·W_downᵀ·W_upᵀ`, which
+  does not depend on the input and is computed once per forward (not per sample).
+* Deep prompts as hf_vpt runs them (`mode="concat"`: prompts are part of the sequence, so they are projected, attend,
+  are attended to and go through the MLP): `B·2·(4·p·d² + 2·p·d·d_ff + 2·((N+p)² − N²)·d)`.
+* Deep prompts as hf_vpt's exact key/value-prefix path runs them (`mode="shared_kv_prefix"`, the default of
+  `VisualPromptConfig(depth="deep")` where exact): `2·(2·p·d²)` once per forward for `k_proj`/`v_proj` of the
+  prompts (batch-shared) plus `B·2·(2·N·p·d)`.
+* Deep prompts as the APT paper's baseline runs them (`mode="kv_prefix"`: the released deep-prompt code computes
+  q, k, v for the `N + p` rows, then uses the prompts as keys/values only): `B·2·(3·p·d² + 2·N·p·d)`.
+
+The APT paper's "additional FLOPs" (ViLT: APT 0.91 G vs deep prompt 5.14 G, −82.3 %) are the MAC counts of the
+`kv_prefix` formula and of APT without the key map; multiply the numbers here by 0.5 to compare.
+"""
+
+from __future__ import annotations
+
+from .layouts import Tower, select_towers
+
+
+DEEP_PROMPT_MODES = ("concat", "shared_kv_prefix", "kv_prefix")
+
+
+def approx_prompt_flops(
+    *, num_layers: int, hidden_size: int, seq_len: int, num_prompt_tokens: int, rank: int, batch_size: int = 1
+) -> int:
+    """Extra forward FLOPs of APT on `num_layers` adapted attention sub-layers."""
+    n, p, d, r = seq_len, num_prompt_tokens, hidden_size, rank
+    return num_layers * (batch_size * 4 * n * p * d + 4 * p * d * r)
+
+
+def deep_prompt_flops(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    intermediate_size: int,
+    seq_len: int,
+    num_prompt_tokens: int,
+    batch_size: int = 1,
+    mode: str = "concat",
+) -> int:
+    """Extra forward FLOPs of `p` prompt tokens in `num_layers` blocks (see the module docstring for `mode`)."""
+    n, p, d, f = seq_len, num_prompt_tokens, hidden_size, intermediate_size
+    if mode == "shared_kv_prefix":
+        return num_layers * (2 * 2 * p * d * d + batch_size * 2 * 2 * n * p * d)
+    if mode == "concat":
+        per_sample = 2 * (4 * p * d * d + 2 * p * d * f + 2 * ((n + p) ** 2 - n**2) * d)
+    elif mode == "kv_prefix":
+        per_sample = 2 * (3 * p * d * d + 2 * n * p * d)
+    else:
+        raise ValueError(f"`mode` must be one of {DEEP_PROMPT_MODES}; got {mode!r}.")
+    return num_layers * batch_size * per_sample
+
+
+def _intermediate_size(tower: Tower) -> int:
+    config = tower.config
+    size = getattr(config, "intermediate_size", None)
+    if size is None:  # Dinov2 spells it as a ratio
+        size = int(tower.hidden_size * getattr(config, "mlp_ratio", 4))
+    return int(size)
+
+
+def extra_forward_flops(
+    model, config, seq_len: int | dict[str, int], batch_size: int = 1, mode: str = "concat"
+) -> int:
+    """Extra forward FLOPs of the prompt adapter `config` on `model` (a base model or a PeftModel).
+
+    Args:
+        model: the model the adapter is (or would be) applied to; its prompted towers are found as at injection.
+        config: an `ApproxPromptConfig` or a `VisualPromptConfig`.
+        seq_len: number of tokens each prompted tower processes without prompts (special tokens included), one int
+            for all towers or `{tower kind: length}` (e.g. ViLT-B/32 at 384×384 with 40 text tokens: 40 + 1 + 144).
+        batch_size: number of samples per forward.
+        mode: for `VisualPromptConfig`: "concat" (prompts in the sequence, `kv_prefix=False` or where the prefix path
+            is not exact), "shared_kv_prefix" (hf_vpt's exact deep fast path) or "kv_prefix" (the APT paper's baseline).
+    """
+    from .tuners.approx_prompt import ApproxPromptConfig, ApproxPromptModel
+    from .tuners.visual_prompt import VisualPromptConfig, VisualPromptModel
+
+    if isinstance(config, ApproxPromptConfig):
+        kinds = ApproxPromptModel.supported_tower_kinds
+    elif isinstance(config, VisualPromptConfig):
+        kinds = VisualPromptModel.supported_tower_kinds
+    else:
+        raise TypeError(
+            f"No FLOP formula for {type(config).__name__}; expected ApproxPromptConfig or VisualPromptConfig."
+        )
+    total = 0
+    for tower in select_towers(model, config.towers, kinds):
+        n = seq_len[tower.kind] if isinstance(seq_len, dict) else seq_len
+        if isinstance(config, ApproxPromptConfig):
+            total += approx_prompt_flops(
+                num_layers=len(config.adapted_layers(tower.num_layers)) * len(config.attentions),
+                hidden_size=tower.hidden_size,
+                seq_len=n,
+                num_prompt_tokens=config.num_prompt_tokens,
+                rank=config.rank,
+                batch_size=batch_size,
+            )
+        else:
+            # With concatenation the prompts stay in the sequence through every block (deep or shallow); a
+            # key/value prefix only exists in the blocks that get new prompts.
+            layers = tower.num_layers if mode == "concat" else config.prompt_rows(tower.num_layers)
+            total += deep_prompt_flops(
+                num_layers=layers,
+                hidden_size=tower.hidden_size,
+                intermediate_size=_intermediate_size(tower),
+                seq_len=n,
+                num_prompt_tokens=config.num_prompt_tokens,
+                batch_size=batch_size,
+                mode=mode,
+            )
+    return total
