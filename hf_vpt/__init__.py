@@ -5,6 +5,12 @@ Importing the package registers its methods with PEFT, so `get_peft_model`, `Pef
 """
 
 from .core.config import AdapterLoadError
+from .diffusers_text_encoder import (
+    attach_text_encoder_adapter,
+    detach_text_encoder_adapter,
+    load_text_encoder_adapter,
+    save_text_encoder_adapter,
+)
 from .layouts import SUPPORTED_ARCHITECTURES, find_towers
 from .tuners import VisualPromptConfig, VisualPromptModel
 from .tuners.approx_prompt import ApproxPromptConfig, ApproxPromptModel
@@ -22,6 +28,10 @@ __all__ = [
     "GatedPromptModel",
     "VisualPromptConfig",
     "VisualPromptModel",
+    "attach_text_encoder_adapter",
+    "detach_text_encoder_adapter",
     "find_towers",
     "gate_values",
+    "load_text_encoder_adapter",
+    "save_text_encoder_adapter",
 ]

@@ -48,6 +48,18 @@ class PromptedBlock(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         pass
 
+    # diffusers pipelines scale every `BaseTunerLayer` of their text encoder by the LoRA scale
+    # (`cross_attention_kwargs={"scale": s}` -> `scale_lora_layers` / `unscale_lora_layers`). Prompts have no scale,
+    # so these are no-ops: a LoRA scale meant for the UNet must not crash or change a prompt-tuned text encoder.
+    def scale_layer(self, scale: float) -> None:
+        pass
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        pass
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        pass
+
     @property
     def tower(self):
         return self._tuner._towers[self.tower_index]
