@@ -52,8 +52,13 @@ def build_base(layers: int):
 
     torch.manual_seed(0)
     config = ViTConfig(
-        image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=layers, num_attention_heads=12,
-        intermediate_size=3072, num_labels=100,
+        image_size=224,
+        patch_size=16,
+        hidden_size=768,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        num_labels=100,
     )
     return ViTForImageClassification(config)
 
@@ -74,8 +79,16 @@ class PlainDeepVPT(torch.nn.Module):
         vit, cfg = self.model.vit, self.model.config
         d, heads, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.layer_norm_eps
         emb = vit.embeddings
-        x = F.conv2d(pixel_values, emb.patch_embeddings.projection.weight, emb.patch_embeddings.projection.bias,
-                     stride=cfg.patch_size).flatten(2).transpose(1, 2)
+        x = (
+            F.conv2d(
+                pixel_values,
+                emb.patch_embeddings.projection.weight,
+                emb.patch_embeddings.projection.bias,
+                stride=cfg.patch_size,
+            )
+            .flatten(2)
+            .transpose(1, 2)
+        )
         x = torch.cat([emb.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + emb.position_embeddings
         batch, p = x.shape[0], self.prompts.shape[1]
 
@@ -91,21 +104,25 @@ class PlainDeepVPT(torch.nn.Module):
             q, k, v = (split(F.linear(y, m.weight, m.bias)) for m in (a.q_proj, a.k_proj, a.v_proj))
             if self.prefix:
                 yp = F.layer_norm(prompts, (d,), layer.layernorm_before.weight, layer.layernorm_before.bias, eps)
-                kp, vp = (split(F.linear(yp, m.weight, m.bias)).expand(batch, -1, -1, -1) for m in (a.k_proj, a.v_proj))
+                kp, vp = (
+                    split(F.linear(yp, m.weight, m.bias)).expand(batch, -1, -1, -1) for m in (a.k_proj, a.v_proj)
+                )
                 k, v = torch.cat([k[:, :, :1], kp, k[:, :, 1:]], 2), torch.cat([v[:, :, :1], vp, v[:, :, 1:]], 2)
             attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, d)
             x = x + F.linear(attn, a.o_proj.weight, a.o_proj.bias)
             y = F.layer_norm(x, (d,), layer.layernorm_after.weight, layer.layernorm_after.bias, eps)
-            x = x + F.linear(F.gelu(F.linear(y, layer.mlp.fc1.weight, layer.mlp.fc1.bias)), layer.mlp.fc2.weight,
-                             layer.mlp.fc2.bias)
+            x = x + F.linear(
+                F.gelu(F.linear(y, layer.mlp.fc1.weight, layer.mlp.fc1.bias)), layer.mlp.fc2.weight, layer.mlp.fc2.bias
+            )
         x = F.layer_norm(x[:, 0], (d,), vit.layernorm.weight, vit.layernorm.bias, eps)
         return self.classifier(x)
 
 
 def make_model(method: str, layers: int):
     """(model, forward(pixels) -> logits, optimiser)."""
-    import hf_vpt
     from peft import LoraConfig, get_peft_model
+
+    import hf_vpt
 
     base = build_base(layers)
     head = ["classifier"]
@@ -125,7 +142,9 @@ def make_model(method: str, layers: int):
         p = int(method.split("p=")[1].split(",")[0])
         if method.startswith("VPT"):
             config = hf_vpt.VisualPromptConfig(
-                num_prompt_tokens=p, depth="shallow" if "shallow" in method else "deep", modules_to_save=head,
+                num_prompt_tokens=p,
+                depth="shallow" if "shallow" in method else "deep",
+                modules_to_save=head,
                 kv_prefix="concatenation" not in method,
             )
         elif method.startswith("gated"):
@@ -134,8 +153,10 @@ def make_model(method: str, layers: int):
             config = hf_vpt.ApproxPromptConfig(num_prompt_tokens=p, modules_to_save=head)
         model = get_peft_model(base, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if method.startswith("LoRA") else torch.optim.SGD(
-        params, lr=0.01, momentum=0.9
+    optimizer = (
+        torch.optim.AdamW(params, lr=1e-4)
+        if method.startswith("LoRA")
+        else torch.optim.SGD(params, lr=0.01, momentum=0.9)
     )
     return model, lambda x: model(pixel_values=x).logits, optimizer
 
@@ -187,8 +208,18 @@ def main():
 
     rows = []
     for method in args.methods:
-        command = [sys.executable, __file__, "--child", method, "--batch", str(args.batch), "--layers",
-                   str(args.layers), "--steps", str(args.steps)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            method,
+            "--batch",
+            str(args.batch),
+            "--layers",
+            str(args.layers),
+            "--steps",
+            str(args.steps),
+        ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         row = json.loads(output.strip().splitlines()[-1])
         rows.append(row)
@@ -202,8 +233,10 @@ def main():
     for r in rows:
         time_ratio = f"{r['step_s'] / full['step_s']:.2f}x" if full else "-"
         mem_ratio = f"{r['peak_mib'] / full['peak_mib']:.2f}x" if full else "-"
-        print(f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {time_ratio} | {r['peak_mib']:.0f} | "
-              f"{mem_ratio} |")
+        print(
+            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {time_ratio} | {r['peak_mib']:.0f} | "
+            f"{mem_ratio} |"
+        )
     plain = {r["method"]: r for r in rows}
     for ours, theirs in [
         ("VPT-deep p=10", "plain PyTorch VPT-deep p=10, key/value prefix"),
