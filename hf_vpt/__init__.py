@@ -15,6 +15,7 @@ from .layouts import SUPPORTED_ARCHITECTURES, find_towers
 from .tuners import VisualPromptConfig, VisualPromptModel
 from .tuners.approx_prompt import ApproxPromptConfig, ApproxPromptModel
 from .tuners.gated_prompt import GatedPromptConfig, GatedPromptModel, gate_values
+from .tuners.generative_prompt import GenerativePromptConfig, GenerativePromptModel
 
 
 __version__ = "0.1.0"
@@ -26,6 +27,8 @@ __all__ = [
     "ApproxPromptModel",
     "GatedPromptConfig",
     "GatedPromptModel",
+    "GenerativePromptConfig",
+    "GenerativePromptModel",
     "VisualPromptConfig",
     "VisualPromptModel",
     "attach_text_encoder_adapter",

@@ -1,5 +1,6 @@
 from .approx_prompt import ApproxPromptConfig, ApproxPromptModel
 from .gated_prompt import GatedPromptConfig, GatedPromptModel, gate_values
+from .generative_prompt import GenerativePromptConfig, GenerativePromptModel
 from .visual_prompt import VisualPromptConfig, VisualPromptModel
 
 
@@ -8,6 +9,8 @@ __all__ = [
     "ApproxPromptModel",
     "GatedPromptConfig",
     "GatedPromptModel",
+    "GenerativePromptConfig",
+    "GenerativePromptModel",
     "VisualPromptConfig",
     "VisualPromptModel",
     "gate_values",

