@@ -187,7 +187,14 @@ def find_towers(model: nn.Module) -> list[Tower]:
 
 def select_towers(model: nn.Module, kinds: list[str] | None, supported_kinds: tuple[str, ...]) -> list[Tower]:
     """The towers a method prompts: those of the requested kinds, by default the vision towers if there are any."""
-    towers = [t for t in find_towers(model) if t.kind in supported_kinds]
+    found = find_towers(model)
+    towers = [t for t in found if t.kind in supported_kinds]
+    if not towers and found:
+        raise ValueError(
+            f"{type(model).__name__} has only {', '.join(f'a {t.kind} tower ({t.spec.name})' for t in found)}, but "
+            f"this method prompts {' and '.join(supported_kinds)} towers only. Use a model with such a tower, or an "
+            "hf_vpt method that supports this tower kind."
+        )
     if not towers:
         raise ValueError(
             f"{type(model).__name__} contains no architecture that this method can prompt. "

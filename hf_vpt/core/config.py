@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 import os
+import re
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -10,6 +12,8 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 
 TOWER_KINDS = ("vision", "text", "multimodal")
+# `base_model.<method>_bank.<...>`: the path-free keys every hf_vpt adapter file uses for its parameters.
+_BANK_KEY = re.compile(r"base_model\.([a-z_]+_prompt)_bank\.")
 
 
 class AdapterLoadError(ValueError):
@@ -59,6 +63,7 @@ class PromptConfigBase(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self._check_shared_values()
         if self.towers is not None:
             if isinstance(self.towers, str):
                 self.towers = [self.towers]
@@ -70,6 +75,17 @@ class PromptConfigBase(PeftConfig):
                 "hf_vpt finds the transformer blocks by structure; leave `target_modules` unset (it would tie the "
                 "adapter to module names that change between transformers releases)."
             )
+
+    def _check_shared_values(self) -> None:
+        """Type checks of the values several methods share (`True`, `"0.1"` or NaN must not slip through)."""
+        if not isinstance(self.keep_prompts_in_outputs, bool):
+            raise ValueError(f"`keep_prompts_in_outputs` must be True or False; got {self.keep_prompts_in_outputs!r}.")
+        tokens = getattr(self, "num_prompt_tokens", 1)
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            raise ValueError(f"`num_prompt_tokens` must be a positive integer; got {tokens!r}.")
+        dropout = getattr(self, "prompt_dropout", 0.0)
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`prompt_dropout` must be in [0, 1); got {dropout!r}.")
 
     # ---- adapter files ----------------------------------------------------------------------------------------
     def expected_bank_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -87,6 +103,7 @@ class PromptConfigBase(PeftConfig):
         try:
             with safe_open(weights_path, framework="pt") as handle:
                 shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+                dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterLoadError(
                 f"'{weights_path}' is not a readable safetensors file ({exc}). It may be truncated or corrupted; "
@@ -94,6 +111,24 @@ class PromptConfigBase(PeftConfig):
             ) from exc
         expected = self.expected_bank_shapes()
         found = {k: v for k, v in shapes.items() if k.startswith(self.bank_key_prefix)}
+        other_methods = sorted(
+            {m.group(1) for k in shapes if (m := _BANK_KEY.match(k)) and not k.startswith(self.bank_key_prefix)}
+        )
+        if not found and other_methods:
+            declared = getattr(self.peft_type, "value", self.peft_type)
+            raise AdapterLoadError(
+                f"'{weights_path}' holds the tensors of a {' / '.join(other_methods)} adapter, but its "
+                f"adapter_config.json says peft_type {declared!r}. The config and the weights belong to different "
+                "methods; restore the adapter_config.json that was saved with these weights, or save the adapter "
+                "again."
+            )
+        not_float = sorted(f"{k}: {dtypes[k]}" for k in found if not dtypes[k].startswith(("F", "BF")))
+        if not_float:
+            raise AdapterLoadError(
+                f"'{weights_path}' stores adapter tensors with a non-floating-point dtype ({not_float}); prompts are "
+                "floating-point parameters and would be silently rounded. The file is corrupted or was written by "
+                "another tool; save the adapter again."
+            )
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
         mismatched = [

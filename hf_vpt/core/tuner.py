@@ -75,6 +75,8 @@ class PromptTunerModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         setattr(self, self.prefix + "bank", nn.ModuleDict())
+        # PEFT freezes the base model while injecting; a load that is rolled back gives the flags back.
+        self._base_requires_grad = [(param, param.requires_grad) for param in model.parameters()]
         self._towers: list[Tower] = []
         self._block_positions: dict[str, tuple[int, int]] = {}
         self._hook_handles: list = []
@@ -102,24 +104,29 @@ class PromptTunerModel(BaseTuner):
                 )
         self._check_fits(adapter_name, config, towers)
         first_injection = not self._towers
+        # A refused adapter (e.g. APT `layers` past the depth, found by `_create_bank`) must leave the adapters that
+        # are already there exactly as they were.
+        previous_towers, previous_positions = self._towers, self._block_positions
         self._towers = towers
         self._block_positions = {
             name: (ti, bi) for ti, tower in enumerate(towers) for bi, name in enumerate(tower.block_names)
         }
-        config.tower_shapes = {t.kind: [t.num_layers, t.hidden_size] for t in towers}
-        device = next(towers[0].blocks.parameters()).device
-        bank = self._create_bank(adapter_name, config, towers)
-        # `PeftModel.from_pretrained(..., low_cpu_mem_usage=True)` builds the tuner under accelerate's
-        # `init_empty_weights`: the bank is then on the meta device until the adapter file is assigned into it.
-        if not any(p.is_meta for p in bank.parameters()):
-            bank = bank.to(device=device)
-        self.banks[adapter_name] = bank
         try:
+            config.tower_shapes = {t.kind: [t.num_layers, t.hidden_size] for t in towers}
+            device = next(towers[0].blocks.parameters()).device
+            bank = self._create_bank(adapter_name, config, towers)
+            # `PeftModel.from_pretrained(..., low_cpu_mem_usage=True)` builds the tuner under accelerate's
+            # `init_empty_weights`: the bank is then on the meta device until the adapter file is assigned into it.
+            if not any(p.is_meta for p in bank.parameters()):
+                bank = bank.to(device=device)
+            self.banks[adapter_name] = bank
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=False
             )
         except Exception:
-            del self.banks[adapter_name]
+            if adapter_name in self.banks:
+                del self.banks[adapter_name]
+            self._towers, self._block_positions = previous_towers, previous_positions
             raise
         if first_injection:
             self._install_hooks()
@@ -161,7 +168,9 @@ class PromptTunerModel(BaseTuner):
     def _install_hooks(self) -> None:
         for ti, tower in enumerate(self._towers):
             self._hook_handles.append(tower.root.register_forward_pre_hook(partial(self._on_tower_start, ti)))
-            self._hook_handles.append(tower.root.register_forward_hook(partial(self._on_tower_end, ti)))
+            # always_call: a forward that fails inside the tower must not leave its state (masks, labels) behind
+            end = tower.root.register_forward_hook(partial(self._on_tower_end, ti), always_call=True)
+            self._hook_handles.append(end)
             if tower.final_norm is not None:
                 self._hook_handles.append(tower.final_norm.register_forward_hook(partial(self._on_final_norm, ti)))
             if tower.supports_kv_prefix:
@@ -238,6 +247,7 @@ class PromptTunerModel(BaseTuner):
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
+            self._check_materialized(self.active_adapters)
             yield
             return
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
@@ -248,6 +258,7 @@ class PromptTunerModel(BaseTuner):
             raise ValueError(
                 f"`adapter_names` contains unknown adapters {unknown}; available: {sorted(self.peft_config)}.{hint}"
             )
+        self._check_materialized(list(dict.fromkeys(adapter_names)))
         self._batch_adapter_names = list(adapter_names)
         # Trained heads (`modules_to_save`) must follow each sample's adapter too, as PEFT's LoRA routes them.
         head_hooks = [
@@ -263,6 +274,18 @@ class PromptTunerModel(BaseTuner):
             self._batch_adapter_names = None
             for hook in head_hooks:
                 hook.remove()
+
+    def _check_materialized(self, adapter_names) -> None:
+        """Refuse a forward with prompts that only exist on the meta device (weights never loaded)."""
+        for name in adapter_names:
+            bank = self.banks[name] if name in self.banks else None
+            if bank is not None and any(p.is_meta for p in bank.parameters()):
+                raise ValueError(
+                    f"The prompts of adapter '{name}' are on the meta device: the adapter was created with "
+                    "`low_cpu_mem_usage=True` (or under `init_empty_weights`) and its weights were never loaded. Load "
+                    f"them first (`model.load_adapter(path, adapter_name={name!r})` or `set_peft_model_state_dict`), "
+                    "or create the adapter without `low_cpu_mem_usage`."
+                )
 
     def _begin_tower_forward(self, tower_index: int, hidden_states: torch.Tensor, active: list[str]) -> TowerForward:
         tower = self._towers[tower_index]
@@ -298,7 +321,7 @@ class PromptTunerModel(BaseTuner):
 
     def _on_tower_end(self, tower_index: int, module, args, output):
         run = self._forward_states.pop(tower_index, None)
-        if run is None or self._keeps_prompts_in_outputs(run):
+        if run is None or output is None or self._keeps_prompts_in_outputs(run):  # output None: the forward failed
             return output
         return strip_recorded_outputs(output, run.at, run.count, run.prompted_length)
 
@@ -352,6 +375,17 @@ class PromptTunerModel(BaseTuner):
                 f"unexpected tensors {unexpected}, shape mismatches {mismatched}. The adapter was not loaded and the "
                 "model is unchanged; check that the adapter folder belongs to this base model and method."
             )
+        # `load_state_dict` would copy integer or boolean tensors into the float prompts without a word.
+        not_float = sorted(
+            f"{k}: {v.dtype}" for k, v in remapped.items() if bank_prefix in k and not v.dtype.is_floating_point
+        )
+        if not_float:
+            _roll_back_adapter(model, adapter_name)
+            raise AdapterLoadError(
+                f"The weights of adapter '{adapter_name}' have a non-floating-point dtype ({not_float}); prompts are "
+                "floating-point parameters. The adapter was not loaded and the model is unchanged; the file is "
+                "corrupted or was written by another tool, save the adapter again."
+            )
         return remapped
 
 
@@ -366,3 +400,5 @@ def _roll_back_adapter(peft_model, adapter_name: str) -> None:
         peft_model.delete_adapter(adapter_name)
     else:
         tuner.unload()
+        for param, requires_grad in tuner._base_requires_grad:
+            param.requires_grad_(requires_grad)

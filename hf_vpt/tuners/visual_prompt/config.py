@@ -92,16 +92,26 @@ class VisualPromptConfig(PromptConfigBase):
         if self.num_deep_layers is not None:
             if self.depth != "deep":
                 raise ValueError("`num_deep_layers` only applies to depth='deep'; remove it or set depth='deep'.")
-            if not isinstance(self.num_deep_layers, int) or self.num_deep_layers < 1:
+            if (
+                not isinstance(self.num_deep_layers, int)
+                or isinstance(self.num_deep_layers, bool)
+                or self.num_deep_layers < 1
+            ):
                 raise ValueError(f"`num_deep_layers` must be a positive integer; got {self.num_deep_layers!r}.")
         if self.prompt_init not in PROMPT_INITS:
             raise ValueError(f"`prompt_init` must be one of {PROMPT_INITS}; got {self.prompt_init!r}.")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"`prompt_dropout` must be in [0, 1); got {self.prompt_dropout!r}.")
-        if self.prompt_projection_dim is not None and self.prompt_projection_dim < 1:
+        if self.prompt_projection_dim is not None and (
+            not isinstance(self.prompt_projection_dim, int)
+            or isinstance(self.prompt_projection_dim, bool)
+            or self.prompt_projection_dim < 1
+        ):
             raise ValueError(
                 f"`prompt_projection_dim` must be a positive integer; got {self.prompt_projection_dim!r}."
             )
+        if not isinstance(self.kv_prefix, bool):
+            raise ValueError(f"`kv_prefix` must be True or False; got {self.kv_prefix!r}.")
         if self.readout not in READOUTS:
             raise ValueError(f"`readout` must be one of {READOUTS}; got {self.readout!r}.")
 
