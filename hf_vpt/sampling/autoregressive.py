@@ -1,8 +1,11 @@
 """Autoregressive sampling for a prompted ImageGPT (raster order, one token per step).
 
 `transformers`' `generate()` is not used: it computes position ids from the sequence length, which would count the
-prompts. With a `GenerativePromptConfig` adapter the prompts are prepended at the first call and kept in the
-key/value cache; later steps feed one token and the adapter keeps the image positions `0 .. L-1`.
+prompts. With a `GenerativePromptConfig` adapter the prompts stay in the key/value cache and later steps feed one
+token; the adapter keeps the image positions `0 .. L-1`. By default (`cache_prompt_prefix=True`) the cache starts
+from the class prefixes of `hf_vpt.sampling.prompt_prefix`: the keys and values of the prompt positions, computed by
+one forward of the prompts alone per distinct class and gathered per sample, so no forward of the loop has a prompt
+row. With `cache_prompt_prefix=False` the first forward carries every sample's prompts in front of its tokens.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import numpy as np
 import torch
 
 from ._random import sample_categorical
+from .prompt_prefix import PromptPrefixCache, prompt_prefix_applies
 
 
 def _config_of(model):
@@ -33,6 +37,7 @@ def autoregressive_sample(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    cache_prompt_prefix: bool | PromptPrefixCache = True,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Sample `[B, num_tokens]` token ids (SOS not included) from a prompted `ImageGPTForCausalImageModeling`.
@@ -48,7 +53,13 @@ def autoregressive_sample(
         temperature: softmax temperature (0: greedy).
         top_k: sample among the k most likely tokens only.
         generator: a `torch.Generator`; the same seed gives the same samples.
-        use_cache: reuse keys/values between steps (False recomputes the whole sequence at every step).
+        use_cache: reuse keys/values between steps (False recomputes the whole sequence, prompts included, at every
+            step).
+        cache_prompt_prefix: with `use_cache` and a generative prompt adapter in eval mode, start the key/value cache
+            from per-class prompt prefixes (one prompt forward per distinct class) instead of putting every
+            sample's prompts through the first forward. A `PromptPrefixCache` of the model keeps the prefixes
+            across calls. Same logits (to float rounding) and samples either way; ignored where it does not apply
+            (no adapter, adapter disabled, training mode, `use_cache=False`).
     """
     config = _config_of(model)
     if sos_token_id is None:
@@ -82,6 +93,13 @@ def autoregressive_sample(
             raise ValueError(f"`prefix` of shape {tuple(prefix.shape)} does not fit {batch_size} x {num_tokens}.")
         sequence = torch.cat([sequence, prefix.to(device=device, dtype=torch.long)], dim=1)
     cache = None
+    if use_cache and cache_prompt_prefix is not False:
+        prefixes = cache_prompt_prefix if isinstance(cache_prompt_prefix, PromptPrefixCache) else None
+        if prefixes is not None and not prefixes.belongs_to(model):
+            raise ValueError("`cache_prompt_prefix` is a PromptPrefixCache of another model.")
+        if prompt_prefix_applies(model):
+            prefixes = prefixes if prefixes is not None else PromptPrefixCache(model)
+            cache = prefixes.for_batch(class_labels=extra.get("class_labels"), batch_size=batch_size)
     step_input = sequence
     while sequence.shape[1] - 1 < num_tokens:
         if use_cache:
