@@ -236,3 +236,42 @@ def test_siglip_text_tower_prefix_equals_concatenation(prefix_calls):
     assert len(prefix_calls) == 3
     torch.testing.assert_close(outputs[0].pooler_output, outputs[1].pooler_output, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outputs[0].last_hidden_state, outputs[1].last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_vilt_prefix_equals_concatenation_with_padding_and_attention_maps(prefix_calls):
+    """ViLT's BERT-style attention (its blocks drop keyword arguments) takes the prefix too."""
+    import transformers
+
+    outputs = []
+    for kv_prefix in (True, False):
+        torch.manual_seed(0)
+        config = transformers.ViltConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+            max_position_embeddings=16,
+            vocab_size=99,
+            num_images=1,
+        )
+        model = get_peft_model(
+            transformers.ViltModel(config).eval(), hf_vpt.VisualPromptConfig(num_prompt_tokens=3, kv_prefix=kv_prefix)
+        )
+        with torch.no_grad():
+            for param in model.base_model.visual_prompt_bank.parameters():
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+        ids = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, 5:] = 0
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(2), output_attentions=True)
+        out.pooler_output.square().sum().backward()
+        outputs.append((out, _prompt_grads(model)))
+    (a, grads_a), (b, grads_b) = outputs
+    assert len(prefix_calls) == 3
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-5, rtol=1e-5)
+    for x, y in zip(a.attentions, b.attentions):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+    for x, y in zip(grads_a, grads_b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)

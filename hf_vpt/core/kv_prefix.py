@@ -14,7 +14,9 @@ the attention module's instance-level `forward` is replaced, while an adapter is
 
 from __future__ import annotations
 
+import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -42,7 +44,14 @@ class AttentionLayout:
     query: nn.Linear
     key: nn.Linear
     value: nn.Linear
-    output: nn.Linear
+    output: nn.Linear | None  # None: BERT-style self-attention whose output projection sits in a sibling module
+    head_dim: int
+
+    @property
+    def passes_kwargs(self) -> bool:
+        """Whether the block forwards `**kwargs` to this attention (transformers' attention-interface modules do;
+        BERT-style ViLT blocks do not, so their prefix is handed over on the module for the duration of the call)."""
+        return self.output is not None
 
 
 def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
@@ -54,25 +63,35 @@ def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
 
 
 def find_attention_layout(block: nn.Module, spec) -> AttentionLayout | None:
-    """Structure of a pre-norm block whose attention owns q/k/v/o projections and calls the attention interface.
+    """Structure of a pre-norm block whose attention owns its q/k/v projections.
 
-    Returns None for attentions of another shape (ViLT keeps its output projection in a sibling module): the
-    concatenation path serves those.
+    Two shapes are known: transformers' attention-interface modules (q/k/v/o projections, `config`, `head_dim`) and
+    BERT-style self-attention (ViLT: q/k/v and `attention_head_size`; the output projection lives in a sibling
+    module and runs unchanged). Anything else returns None and the concatenation path serves it.
     """
+    norm = _child(block, spec.attention_norm_names)
+    if not isinstance(norm, nn.LayerNorm):
+        return None
     for module in block.modules():
         query, key, value = (_child(module, names) for names in (spec.query_names, spec.key_names, spec.value_names))
+        if not all(isinstance(m, nn.Linear) for m in (query, key, value)):
+            continue
         output = _child(module, spec.output_names)
-        if all(isinstance(m, nn.Linear) for m in (query, key, value, output)) and hasattr(module, "config"):
-            norm = _child(block, spec.attention_norm_names)
-            if isinstance(norm, nn.LayerNorm) and hasattr(module, "head_dim"):
-                return AttentionLayout(norm, module, query, key, value, output)
+        if isinstance(output, nn.Linear) and hasattr(module, "config") and hasattr(module, "head_dim"):
+            return AttentionLayout(norm, module, query, key, value, output, module.head_dim)
+        if (
+            output is None
+            and hasattr(module, "attention_head_size")
+            and isinstance(getattr(module, "dropout", None), nn.Dropout)
+        ):
+            return AttentionLayout(norm, module, query, key, value, None, module.attention_head_size)
     return None
 
 
 def project_prefix(layout: AttentionLayout, prompts: torch.Tensor, at: int) -> KVPrefix:
     """Keys and values of `[b, p, d]` prompts (b = 1 when they are shared by the whole batch)."""
     normed = layout.norm(prompts)
-    heads_shape = (*prompts.shape[:2], -1, layout.attention.head_dim)
+    heads_shape = (*prompts.shape[:2], -1, layout.head_dim)
     keys = layout.key(normed).view(heads_shape).transpose(1, 2)
     values = layout.value(normed).view(heads_shape).transpose(1, 2)
     return KVPrefix(keys, values, at)
@@ -145,10 +164,45 @@ def prefix_attention_forward(module: nn.Module, spec, hidden_states: torch.Tenso
     return _child(module, spec.output_names)(output), weights
 
 
-def enable_prefix_attention(attention: nn.Module, spec) -> None:
-    """Let `attention` accept a key/value prefix; without one it runs exactly its own forward."""
-    attention.forward = partial(prefix_attention_forward, attention, spec)
+def bert_style_prefix_attention_forward(
+    module: nn.Module, spec, hidden_states, attention_mask=None, output_attentions=False
+):
+    """ViLT's self-attention (scaled dot product, additive mask, dropout on the probabilities) with a prefix."""
+    prefix: KVPrefix | None = module.__dict__.get(PREFIX_KWARG)
+    if prefix is None:
+        return type(module).forward(module, hidden_states, attention_mask, output_attentions)
+    head_dim = module.attention_head_size
+    heads_shape = (*hidden_states.shape[:-1], -1, head_dim)
+    projections = [_child(module, names) for names in (spec.query_names, spec.key_names, spec.value_names)]
+    query, key, value = (proj(hidden_states).view(heads_shape).transpose(1, 2) for proj in projections)
+    key = _splice(key, prefix.keys.to(key.dtype), prefix.at)
+    value = _splice(value, prefix.values.to(value.dtype), prefix.at)
+    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_dim)
+    if attention_mask is not None:
+        scores = scores + _prefix_mask(
+            attention_mask, False, hidden_states.shape[1], prefix.keys.shape[2], prefix.at, scores.dtype, scores.device
+        )
+    probs = module.dropout(torch.softmax(scores, dim=-1))
+    context = torch.matmul(probs, value).permute(0, 2, 1, 3).contiguous()
+    context = context.view(*context.shape[:-2], -1)
+    return (context, probs) if output_attentions else (context,)
 
 
-def disable_prefix_attention(attention: nn.Module) -> None:
-    attention.__dict__.pop("forward", None)
+@contextmanager
+def handed_over(layout: AttentionLayout, prefix: KVPrefix):
+    """Give a BERT-style attention its prefix for one block call (its block does not forward keyword arguments)."""
+    layout.attention.__dict__[PREFIX_KWARG] = prefix
+    try:
+        yield
+    finally:
+        layout.attention.__dict__.pop(PREFIX_KWARG, None)
+
+
+def enable_prefix_attention(layout: AttentionLayout, spec) -> None:
+    """Let the attention accept a key/value prefix; without one it runs exactly its own forward."""
+    forward = prefix_attention_forward if layout.passes_kwargs else bert_style_prefix_attention_forward
+    layout.attention.forward = partial(forward, layout.attention, spec)
+
+
+def disable_prefix_attention(layout: AttentionLayout) -> None:
+    layout.attention.__dict__.pop("forward", None)

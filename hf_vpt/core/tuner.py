@@ -175,7 +175,7 @@ class PromptTunerModel(BaseTuner):
                 self._hook_handles.append(tower.final_norm.register_forward_hook(partial(self._on_final_norm, ti)))
             if tower.supports_kv_prefix:
                 for layout in tower.attention_layouts:
-                    enable_prefix_attention(layout.attention, tower.spec)
+                    enable_prefix_attention(layout, tower.spec)
 
     def _remove_hooks(self) -> None:
         while self._hook_handles:
@@ -183,7 +183,7 @@ class PromptTunerModel(BaseTuner):
         for tower in self._towers:
             for layout in tower.attention_layouts:
                 if layout is not None:
-                    disable_prefix_attention(layout.attention)
+                    disable_prefix_attention(layout)
 
     # ----------------------------------------------------------------------------------------------------------
     # adapter bookkeeping

@@ -13,6 +13,7 @@ from .inception import (
 
 
 FID_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "frechet_inception_distance")
+ACCURACY_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accuracy")
 
 
 def load_fid(**kwargs):
@@ -20,6 +21,13 @@ def load_fid(**kwargs):
     import evaluate
 
     return evaluate.load(FID_METRIC_PATH, **kwargs)
+
+
+def load_accuracy(**kwargs):
+    """`evaluate.load` of the local accuracy metric module (no Hub access)."""
+    import evaluate
+
+    return evaluate.load(ACCURACY_METRIC_PATH, **kwargs)
 
 
 def __getattr__(name):
@@ -31,6 +39,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "ACCURACY_METRIC_PATH",
     "FID_METRIC_PATH",
     "FrechetInceptionDistance",
     "TFInceptionFeatureExtractor",
@@ -39,5 +48,6 @@ __all__ = [
     "frechet_distance",
     "frechet_inception_distance",
     "inception_weights_path",
+    "load_accuracy",
     "load_fid",
 ]

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from ...core.kv_prefix import PREFIX_KWARG
+from ...core.kv_prefix import PREFIX_KWARG, handed_over
 from ...core.layer import PromptedBlock
 from ...core.surgery import insert_tokens, remove_tokens, replace_tokens
 from ...layouts import Tower
@@ -79,10 +79,14 @@ class VisualPromptBlock(PromptedBlock):
         return replace_tokens(hidden_states, new, run.at)
 
     def _call_base_layer(self, run, block_input: torch.Tensor, args: tuple, kwargs: dict):
-        if self._uses_kv_prefix(run):
-            prefix = self._tuner._kv_prefix(run, self.tower, self.block_index, block_input.dtype)
-            kwargs = {**kwargs, PREFIX_KWARG: prefix}
-        return self.base_layer(block_input, *args, **kwargs)
+        if not self._uses_kv_prefix(run):
+            return self.base_layer(block_input, *args, **kwargs)
+        prefix = self._tuner._kv_prefix(run, self.tower, self.block_index, block_input.dtype)
+        layout = self.tower.attention_layouts[self.block_index]
+        if layout.passes_kwargs:  # travels with the block call, so gradient checkpointing replays it
+            return self.base_layer(block_input, *args, **{**kwargs, PREFIX_KWARG: prefix})
+        with handed_over(layout, prefix):
+            return self.base_layer(block_input, *args, **kwargs)
 
     def leave(self, run, block_input: torch.Tensor, block_output: torch.Tensor) -> torch.Tensor:
         if not self.is_last_block or block_output.shape[1] != run.prompted_length:

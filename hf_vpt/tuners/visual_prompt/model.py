@@ -65,7 +65,7 @@ class VisualPromptModel(PromptTunerModel):
             for c in configs
         )
         rows = {self.banks[name].num_rows(tower.kind) for name in run.route.adapters}
-        if not exact or len(rows) != 1:
+        if not exact or len(rows) != 1 or self._checkpoint_replay_would_lose_prefix(tower):
             return frozenset()
         (rows,) = rows
         # block i's prompt outputs are replaced by block i+1's prompts while i + 1 < rows; with prompts in every
@@ -74,6 +74,17 @@ class VisualPromptModel(PromptTunerModel):
         if rows == tower.num_layers:
             blocks.add(tower.num_layers - 1)
         return frozenset(blocks)
+
+    @staticmethod
+    def _checkpoint_replay_would_lose_prefix(tower: Tower) -> bool:
+        """Gradient checkpointing replays a block in backward; a prefix handed over on the module (BERT-style
+        attentions, whose blocks drop keyword arguments) would be gone by then, so those blocks concatenate."""
+        if all(layout.passes_kwargs for layout in tower.attention_layouts):
+            return False
+        return torch.is_grad_enabled() and any(
+            getattr(block.get_base_layer(), "gradient_checkpointing", False) and block.training
+            for block in tower.blocks
+        )
 
     def _kv_prefix(self, run: TowerForward, tower: Tower, block: int, dtype: torch.dtype) -> KVPrefix:
         """Keys and values of block `block`'s prompts: once for the batch, or per sample (mixed adapters, dropout)."""

@@ -1,0 +1,300 @@
+#!/usr/bin/env python
+"""Prompt tuning of a Stable Diffusion pipeline's text encoder (APT or deep VPT) on captioned images.
+
+The adapter is attached with `hf_vpt.attach_text_encoder_adapter`; the UNet, VAE and the encoder's own weights stay
+frozen. Loss: the usual noise-prediction MSE (`epsilon` or `v_prediction`, from the scheduler's config) of the frozen
+UNet conditioned on the adapted text embeddings. Every evaluation writes sample images for `--validation_prompt`;
+the adapter is saved with `hf_vpt.save_text_encoder_adapter` (plus a model card).
+
+Data: `--train_data_dir` is an `imagefolder` with a `metadata.jsonl` (`{"file_name": "a.png", "text": "..."}`), or
+`--dataset_name` a Hub dataset with `--image_column` / `--caption_column`.
+`--tiny` (the default when no data is given) builds a tiny pipeline from configs (CLIP BPE tokenizer over a
+byte vocabulary written to a temporary folder) and a few synthetic captioned images, offline, in seconds.
+
+    python recipes/text_to_image.py
+    accelerate launch recipes/text_to_image.py --pretrained_model_name_or_path <sd-1.5 folder> \
+        --train_data_dir my_images --resolution 512 --method apt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from PIL import Image
+from torch.utils.data import DataLoader
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import hf_vpt  # noqa: E402
+
+
+TINY_SIZE = 32
+TINY_CAPTIONS = ["a red square", "a green square", "a blue square", "a yellow square"]
+TINY_COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 30)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _common.add_common_args(parser, output_dir="outputs/text_to_image", learning_rate=1e-3, max_train_steps=20)
+    group = parser.add_argument_group("text to image")
+    group.add_argument("--method", default="apt", choices=["apt", "vpt_deep"])
+    group.add_argument("--num_prompt_tokens", type=int, default=None, help="Default: 4 (tiny) or 50.")
+    group.add_argument("--rank", type=int, default=4)
+    group.add_argument("--pretrained_model_name_or_path", default=None)
+    group.add_argument("--train_data_dir", default=None, help="imagefolder with metadata.jsonl.")
+    group.add_argument("--dataset_name", default=None)
+    group.add_argument("--image_column", default="image")
+    group.add_argument("--caption_column", default="text")
+    group.add_argument("--resolution", type=int, default=None, help="Default: 32 (tiny) or 512.")
+    group.add_argument("--max_train_samples", type=int, default=None)
+    group.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None, help="Default: no data given.")
+    group.add_argument("--validation_prompt", default="a red square")
+    group.add_argument("--num_validation_images", type=int, default=2)
+    group.add_argument("--num_inference_steps", type=int, default=None, help="Default: 2 (tiny) or 30.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = _common.parse_args_with_config(parser, argv, "recipes/text_to_image.py")
+    has_data = bool(args.train_data_dir or args.dataset_name)
+    if args.tiny is None:
+        args.tiny = not has_data
+    if not args.tiny and not args.pretrained_model_name_or_path:
+        parser.error("Real data needs --pretrained_model_name_or_path (a Stable Diffusion pipeline).")
+    args.num_prompt_tokens = args.num_prompt_tokens or (4 if args.tiny else 50)
+    args.resolution = args.resolution or (TINY_SIZE if args.tiny else 512)
+    args.num_inference_steps = args.num_inference_steps or (2 if args.tiny else 30)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiny pipeline and data
+# ---------------------------------------------------------------------------------------------------------------
+def _byte_symbols() -> list[str]:
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def tiny_pipeline(workdir: str):
+    """A tiny `StableDiffusionPipeline` from configs: byte-level CLIP tokenizer, 3-layer CLIP text encoder, 2-level
+    VAE and UNet (32 px images, 16 px latents)."""
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(workdir, "vocab.json"), "w", encoding="utf-8") as handle:
+        json.dump({token: i for i, token in enumerate(tokens)}, handle)
+    with open(os.path.join(workdir, "merges.txt"), "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(workdir, model_max_length=32)
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=32,
+    )
+    text_encoder = transformers.CLIPTextModel(text_config)
+    text_encoder.config._name_or_path = "tiny-random-stable-diffusion/text_encoder"
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=TINY_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=2,
+    )
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_records(count: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    records = []
+    for index in range(count):
+        image = rng.integers(0, 40, size=(TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8)
+        image[8:24, 8:24] = TINY_COLOURS[index % len(TINY_COLOURS)]
+        records.append({"image": Image.fromarray(image), "text": TINY_CAPTIONS[index % len(TINY_CAPTIONS)]})
+    return records
+
+
+def load_records(args) -> list[dict]:
+    if args.tiny:
+        return tiny_records(16, 1000 + args.seed)
+    import datasets
+
+    if args.train_data_dir:
+        data = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
+    else:
+        data = datasets.load_dataset(args.dataset_name, split="train")
+    if args.max_train_samples:
+        data = data.select(range(min(args.max_train_samples, len(data))))
+    return [{"image": row[args.image_column], "text": row[args.caption_column]} for row in data]
+
+
+class Collator:
+    def __init__(self, tokenizer, resolution: int):
+        self.tokenizer, self.resolution = tokenizer, resolution
+
+    def __call__(self, records: list[dict]) -> dict:
+        pixels = []
+        for record in records:
+            image = record["image"].convert("RGB").resize((self.resolution, self.resolution), Image.BICUBIC)
+            pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+        ids = self.tokenizer(
+            [r["text"] for r in records],
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        return {"pixel_values": torch.stack(pixels), "input_ids": ids}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    args = parse_args(argv)
+    accelerator = _common.make_accelerator(args)
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    set_seed(args.seed)
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.tiny:
+            pipe = tiny_pipeline(workdir)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False
+            )
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae):
+        module.requires_grad_(False).eval()
+    if args.method == "apt":
+        config = hf_vpt.ApproxPromptConfig(num_prompt_tokens=args.num_prompt_tokens, rank=args.rank)
+    else:
+        config = hf_vpt.VisualPromptConfig(num_prompt_tokens=args.num_prompt_tokens, depth="deep")
+    text_encoder = hf_vpt.attach_text_encoder_adapter(pipe, config)
+    base_name = args.pretrained_model_name_or_path or "tiny-random-stable-diffusion"
+    config.base_model_name_or_path = base_name
+    trainable = _common.trainable_parameters(text_encoder)
+    accelerator.print(f"{args.method} on the text encoder of {base_name}: trainable {trainable}")
+
+    loader = DataLoader(
+        load_records(args),
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=Collator(pipe.tokenizer, args.resolution),
+        generator=_common.seeded_generator(args.seed),
+    )
+    optimizer = _common.make_optimizer(text_encoder, args, args.method)
+    scheduler = _common.scheduler_for(accelerator, optimizer, args)
+    text_encoder, optimizer, loader, scheduler = accelerator.prepare(text_encoder, optimizer, loader, scheduler)
+    pipe.unet.to(accelerator.device)
+    pipe.vae.to(accelerator.device)
+    _common.init_trackers(accelerator, args, "text_to_image")
+    noise_scheduler = pipe.scheduler
+    scaling = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
+    noise_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+
+    def loss_fn(batch):
+        with torch.no_grad():
+            latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.sample(noise_generator) * scaling
+        noise = torch.randn(latents.shape, generator=noise_generator, device=latents.device)
+        steps = torch.randint(
+            0,
+            noise_scheduler.config.num_train_timesteps,
+            (len(latents),),
+            generator=noise_generator,
+            device=latents.device,
+        )
+        noisy = noise_scheduler.add_noise(latents, noise, steps)
+        states = text_encoder(batch["input_ids"])[0]
+        prediction = pipe.unet(noisy, steps, encoder_hidden_states=states).sample
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, steps)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float())
+
+    def evaluate_fn(step):
+        unwrapped = accelerator.unwrap_model(text_encoder)
+        unwrapped.eval()
+        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+        with torch.no_grad():
+            images = pipe(
+                [args.validation_prompt] * args.num_validation_images,
+                num_inference_steps=args.num_inference_steps,
+                height=args.resolution,
+                width=args.resolution,
+                generator=generator,
+            ).images
+        if accelerator.is_main_process:
+            for index, image in enumerate(images):
+                image.save(os.path.join(args.output_dir, "samples", f"step-{step}-{index}.png"))
+        unwrapped.train()
+        return {}
+
+    metrics, step, finished = _common.train_loop(
+        accelerator, args, text_encoder, optimizer, scheduler, loader, loss_fn, evaluate_fn
+    )
+    results = {"method": args.method, "steps": step, "trainable parameters": trainable}
+    if not finished:
+        return results
+    folder = os.path.join(args.output_dir, "adapter")
+    dataset = "synthetic captioned squares (--tiny)" if args.tiny else (args.dataset_name or args.train_data_dir)
+    _common.save_adapter(
+        accelerator,
+        text_encoder,
+        folder,
+        dataset=dataset,
+        metrics={"final_train_steps": step},
+        command=args.command,
+        trainable=trainable,
+        save_fn=lambda path: hf_vpt.save_text_encoder_adapter(pipe, path),
+    )
+    _common.finish(accelerator, args, folder, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
