@@ -1,0 +1,821 @@
+#!/usr/bin/env python
+"""Image classification with visual prompt tuning: linear probing, VPT-shallow, VPT-deep and full fine-tuning.
+
+Two modes, one script:
+
+* **Default (no arguments, no network):** an embedded transfer experiment that runs in a few minutes on a CPU.
+  A small ViT is pretrained on scikit-learn's 8x8 digits of classes 0-4 (cached, keyed by its hyper-parameters),
+  then frozen and transferred to classes 5-9 from `--shots` labelled images per class with four methods. The
+  remaining 5-9 digits are the test set. Several seeds; a table (accuracy mean ± std, trainable parameters, train
+  time) is printed and written to `<output_dir>/results.json`; the prompt adapters are saved with
+  `save_pretrained`.
+
+      python recipes/image_classification.py
+      accelerate launch recipes/image_classification.py --mixed_precision bf16
+
+  `--tune` instead picks the learning rates by k-fold cross-validation *inside* the few-shot training sets (the
+  test digits are never looked at); the defaults below were chosen that way.
+
+* **Your model and data:** fine-tune a Hub (or local) checkpoint on a Hub dataset or a local `imagefolder`.
+
+      accelerate launch recipes/image_classification.py --model_name_or_path google/vit-base-patch16-224-in21k \
+          --dataset_name uoft-cs/cifar10 --image_column img --label_column label --method vpt_deep
+
+Every option can also come from a YAML file, `--config my.yaml`, whose keys (the option names below, without the
+dashes) override the defaults; options given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import get_peft_model
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+import hf_vpt
+
+
+METHODS = ("linear", "vpt_shallow", "vpt_deep", "full")
+PROMPT_METHODS = ("vpt_shallow", "vpt_deep")
+METHOD_TITLES = {
+    "linear": "linear probing",
+    "vpt_shallow": "VPT-shallow",
+    "vpt_deep": "VPT-deep",
+    "full": "full fine-tuning",
+}
+# Learning-rate grids searched by `--tune` (SGD for the head and prompt methods, AdamW for full fine-tuning).
+SGD_LR_GRID = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+ADAMW_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
+PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
+TRANSFER_CLASSES = (5, 6, 7, 8, 9)
+# Options that take a different default in the embedded experiment and on user data.
+MODE_DEFAULTS = {
+    "digits": {"epochs": 60, "warmup_epochs": 6, "batch_size": 10},
+    "hub": {"epochs": 10, "warmup_epochs": 1, "batch_size": 32},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line and YAML config
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    bool_flag = argparse.BooleanOptionalAction
+    parser.add_argument("--config", default=None, help="YAML file whose keys override these defaults.")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", default="outputs/image_classification")
+    run.add_argument(
+        "--methods", default=",".join(METHODS), help=f"Comma-separated methods for the digits experiment: {METHODS}."
+    )
+    run.add_argument("--seed", type=int, default=0, help="First seed; the runs use seed, seed+1, ...")
+    run.add_argument("--num_seeds", type=int, default=3)
+    run.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    run.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    run.add_argument("--eval_batch_size", type=int, default=256)
+    run.add_argument("--progress", action=bool_flag, default=True, help="tqdm bars (main process only).")
+    run.add_argument(
+        "--num_threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per process. Default: 1 for the digits experiment (its tensors are too small to "
+        "gain from more), torch's own default on your data.",
+    )
+
+    transfer = parser.add_argument_group("transfer (both modes)")
+    transfer.add_argument("--epochs", type=int, default=None, help="Default: 60 (digits) or 10 (your data).")
+    transfer.add_argument("--warmup_epochs", type=float, default=None, help="Default: 6 (digits) or 1 (your data).")
+    transfer.add_argument("--batch_size", type=int, default=None, help="Per device. Default: 10 (digits) or 32.")
+    transfer.add_argument("--lr_linear", type=float, default=1.0, help="SGD learning rate of linear probing.")
+    transfer.add_argument("--lr_vpt_shallow", type=float, default=1.0, help="SGD learning rate of VPT-shallow.")
+    transfer.add_argument("--lr_vpt_deep", type=float, default=1.0, help="SGD learning rate of VPT-deep.")
+    transfer.add_argument("--lr_full", type=float, default=1e-3, help="AdamW learning rate of full fine-tuning.")
+    transfer.add_argument("--weight_decay", type=float, default=1e-4, help="SGD weight decay (not on biases).")
+    transfer.add_argument("--full_weight_decay", type=float, default=0.01, help="AdamW weight decay (full).")
+    transfer.add_argument("--momentum", type=float, default=0.9)
+    transfer.add_argument("--num_prompt_tokens", type=int, default=5)
+    transfer.add_argument("--prompt_dropout", type=float, default=0.0)
+    transfer.add_argument("--prompt_init", default="vpt_uniform", choices=["vpt_uniform", "normal", "zeros"])
+    transfer.add_argument(
+        "--augment",
+        action=bool_flag,
+        default=False,
+        help="Train-time augmentation: small random affine warps (digits), horizontal flips (your data).",
+    )
+    transfer.add_argument("--head_module", default="classifier", help="Name of the classification head module.")
+
+    digits = parser.add_argument_group("embedded digits experiment")
+    digits.add_argument("--shots", type=int, default=10, help="Labelled training images per class of 5-9.")
+    digits.add_argument("--cache_dir", default=os.path.join("~", ".cache", "hf_vpt"))
+    digits.add_argument("--image_size", type=int, default=16, help="The 8x8 digits are upscaled to this size.")
+    digits.add_argument("--patch_size", type=int, default=4)
+    digits.add_argument("--hidden_size", type=int, default=64)
+    digits.add_argument("--num_hidden_layers", type=int, default=4)
+    digits.add_argument("--num_attention_heads", type=int, default=4)
+    digits.add_argument("--intermediate_size", type=int, default=128)
+    digits.add_argument("--pretrain_epochs", type=int, default=60)
+    digits.add_argument("--pretrain_batch_size", type=int, default=64)
+    digits.add_argument("--pretrain_lr", type=float, default=2e-3)
+    digits.add_argument("--pretrain_weight_decay", type=float, default=0.05)
+    digits.add_argument("--pretrain_seed", type=int, default=0)
+    digits.add_argument("--tune", action="store_true", help="Pick learning rates by k-fold CV on the shots.")
+    digits.add_argument("--tune_folds", type=int, default=5)
+
+    hub = parser.add_argument_group("your model and data (needs the Hub unless everything is local)")
+    hub.add_argument("--model_name_or_path", default=None, help="Checkpoint to adapt; switches to this mode.")
+    hub.add_argument("--dataset_name", default=None, help="`datasets` name of the data.")
+    hub.add_argument("--dataset_config_name", default=None)
+    hub.add_argument("--train_dir", default=None, help="Local imagefolder (one sub-folder per class).")
+    hub.add_argument("--validation_dir", default=None, help="Local imagefolder for evaluation.")
+    hub.add_argument("--image_column", default="image")
+    hub.add_argument("--label_column", default="label")
+    hub.add_argument("--method", default="vpt_deep", choices=list(METHODS))
+    hub.add_argument("--train_split", default="train")
+    hub.add_argument("--eval_split", default=None, help="Default: 'validation', else 'test', else a train split.")
+    hub.add_argument("--val_split_fraction", type=float, default=0.15)
+    hub.add_argument("--max_train_samples", type=int, default=None)
+    hub.add_argument("--max_eval_samples", type=int, default=None)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        import yaml
+
+        with open(known.config, encoding="utf-8") as handle:
+            overrides = yaml.safe_load(handle) or {}
+        if not isinstance(overrides, dict):
+            parser.error(f"{known.config} must hold a mapping of option names to values.")
+        overrides = {str(key).replace("-", "_"): value for key, value in overrides.items()}
+        valid = {action.dest for action in parser._actions}
+        unknown = sorted(set(overrides) - valid - {"help"})
+        if unknown:
+            parser.error(f"unknown keys in {known.config}: {unknown}")
+        if isinstance(overrides.get("methods"), (list, tuple)):
+            overrides["methods"] = ",".join(overrides["methods"])
+        parser.set_defaults(**overrides)
+    args = parser.parse_args(argv)
+    args.command = command_line(argv)
+    args.mode = "hub" if args.model_name_or_path else "digits"
+    for key, value in MODE_DEFAULTS[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        parser.error(f"unknown methods {bad}; choose from {METHODS}")
+    if args.mode == "hub" and not (args.dataset_name or args.train_dir):
+        parser.error("--model_name_or_path needs --dataset_name or --train_dir.")
+    if args.mode == "digits" and (args.dataset_name or args.train_dir):
+        parser.error("--dataset_name / --train_dir need --model_name_or_path (the checkpoint to adapt).")
+    if args.shots < 1 or args.num_seeds < 1:
+        parser.error("--shots and --num_seeds must be positive.")
+    args.cache_dir = os.path.expanduser(args.cache_dir)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training and evaluation, shared by both modes
+# ---------------------------------------------------------------------------------------------------------------
+def learning_rate(args, method: str) -> float:
+    return getattr(args, f"lr_{method}")
+
+
+def make_optimizer(model: torch.nn.Module, method: str, lr: float, args) -> torch.optim.Optimizer:
+    """SGD with momentum for the head and prompt methods (as VPT's code), AdamW for full fine-tuning.
+
+    Biases and other 1-d parameters (LayerNorm) get no weight decay.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    weight_decay = args.full_weight_decay if method == "full" else args.weight_decay
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if method == "full":
+        return torch.optim.AdamW(groups, lr=lr, eps=1e-6)
+    return torch.optim.SGD(groups, lr=lr, momentum=args.momentum)
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    return sum(param.numel() for param in model.parameters() if param.requires_grad)
+
+
+def fit(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    epochs: int,
+    warmup_epochs: float,
+    augment=None,
+    desc: str = "train",
+    progress: bool = True,
+) -> tuple[torch.nn.Module, float, float]:
+    """Train with linear warm-up then cosine decay, stepped per optimizer step.
+
+    Returns the prepared model, the wall-clock seconds and the CPU seconds of this process.
+    """
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = max(1, math.ceil(len(loader) / accelerator.gradient_accumulation_steps))
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(round(warmup_epochs * steps_per_epoch)), epochs * steps_per_epoch
+    )
+    model.train()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    bar = tqdm(
+        range(epochs), desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and accelerator.is_main_process)
+    )
+    for _ in bar:
+        for batch in loader:
+            with accelerator.accumulate(model):
+                pixel_values = batch["pixel_values"]
+                if augment is not None:
+                    pixel_values = augment(pixel_values)
+                logits = model(pixel_values=pixel_values).logits
+                loss = F.cross_entropy(logits.float(), batch["labels"])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: the loss became {loss.item()}; lower the learning rate.")
+                accelerator.backward(loss)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model, time.perf_counter() - start, time.process_time() - start_cpu
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy, computed here (no metric download), gathered over processes."""
+    loader = accelerator.prepare(loader)
+    model.eval()
+    correct, total = 0, 0
+    for batch in loader:
+        predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(dim=-1)
+        predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
+        correct += int((predictions == labels).sum())
+        total += labels.numel()
+    return correct / max(total, 1)
+
+
+def prepare_for_method(model: torch.nn.Module, method: str, args) -> torch.nn.Module:
+    """Make only what `method` trains trainable. Prompt methods go through the public PEFT API."""
+    head = args.head_module
+    if not hasattr(model, head):
+        raise ValueError(f"The model has no module '{head}'; pass the name of its head with --head_module.")
+    if method == "full":
+        model.requires_grad_(True)
+        return model
+    if method == "linear":
+        model.requires_grad_(False)
+        getattr(model, head).requires_grad_(True)
+        return model
+    config = hf_vpt.VisualPromptConfig(
+        num_prompt_tokens=args.num_prompt_tokens,
+        depth="shallow" if method == "vpt_shallow" else "deep",
+        prompt_dropout=args.prompt_dropout,
+        prompt_init=args.prompt_init,
+        modules_to_save=[head],
+    )
+    return get_peft_model(model, config)
+
+
+def save_adapter(accelerator: Accelerator, model: torch.nn.Module, folder: str, **card) -> None:
+    """`save_pretrained` writes adapter_config.json, adapter_model.safetensors and the README.md model card."""
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(folder)
+    peft_config = getattr(unwrapped, "peft_config", {}).get("default")
+    if peft_config is not None:
+        try:  # richer card: dataset, metrics, command; the plain card from save_pretrained is already there
+            from hf_vpt.hub import write_model_card
+
+            write_model_card(folder, peft_config, **card)
+        except (ImportError, TypeError) as exc:  # pragma: no cover - an older hf_vpt
+            print(f"note: kept the plain model card ({exc})")
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| method | test accuracy (mean ± std) | trainable parameters | train time (s) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['title']} | {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} % "
+            f"| {row['trainable_parameters']:,} | {row['train_time_s_mean']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that reproduces this run, for results.json and the model cards."""
+    script = os.path.relpath(sys.argv[0]) if argv is None and sys.argv[0] else "recipes/image_classification.py"
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedded experiment: digits 0-4 -> 5-9
+# ---------------------------------------------------------------------------------------------------------------
+def load_digit_tensors(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 scikit-learn digits as `[N, 1, S, S]` pixels in [-1, 1] (background -1) and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return pixels * 2.0 - 1.0, torch.tensor(digits.target, dtype=torch.long)
+
+
+def random_affine(pixel_values: torch.Tensor, rotate_deg: float = 12.0, scale: float = 0.1, shift: float = 0.12):
+    """Small random rotation, zoom and shift per image; the uncovered border gets the background value -1."""
+    n = pixel_values.shape[0]
+    device = pixel_values.device
+    angle = (torch.rand(n, device=device) * 2 - 1) * math.radians(rotate_deg)
+    zoom = 1 + (torch.rand(n, device=device) * 2 - 1) * scale
+    offset = (torch.rand(n, 2, device=device) * 2 - 1) * shift
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1), torch.stack([sin, cos, offset[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(pixel_values.dtype), list(pixel_values.shape), align_corners=False)
+    return F.grid_sample(pixel_values + 1, grid, align_corners=False, padding_mode="zeros") - 1
+
+
+def tensor_collate(batch):
+    pixel_values, labels = zip(*batch)
+    return {"pixel_values": torch.stack(pixel_values), "labels": torch.stack(labels)}
+
+
+def digits_loader(dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=tensor_collate)
+
+
+def backbone_settings(args) -> dict:
+    return {
+        "image_size": args.image_size,
+        "patch_size": args.patch_size,
+        "hidden_size": args.hidden_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "intermediate_size": args.intermediate_size,
+        "pretrain_epochs": args.pretrain_epochs,
+        "pretrain_batch_size": args.pretrain_batch_size,
+        "pretrain_lr": args.pretrain_lr,
+        "pretrain_weight_decay": args.pretrain_weight_decay,
+        "pretrain_seed": args.pretrain_seed,
+        "classes": list(PRETRAIN_CLASSES),
+        "augment": "random_affine",
+    }
+
+
+def pretrain_split(labels: torch.Tensor, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the 0-4 digits: 80% to pretrain on, 20% held out (stratified, fixed by `seed`)."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.flatnonzero(np.isin(labels.numpy(), PRETRAIN_CLASSES))
+    train, held_out = train_test_split(indices, test_size=0.2, stratify=labels.numpy()[indices], random_state=seed)
+    return np.sort(train), np.sort(held_out)
+
+
+def get_backbone(args, accelerator: Accelerator, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Pretrain the small ViT on digits 0-4, or reuse the copy cached under the same hyper-parameters."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    settings = backbone_settings(args)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = os.path.join(args.cache_dir, f"digits_vit_{key}")
+    info_path = os.path.join(folder, "pretraining.json")
+    cached = os.path.isfile(info_path)
+    accelerator.wait_for_everyone()  # every process decides before the main one may write the cache
+    train_idx, held_idx = pretrain_split(labels, args.pretrain_seed)
+    held_out = digits_loader(TensorDataset(pixels[held_idx], labels[held_idx]), args.eval_batch_size, False)
+    if cached:
+        model = accelerator.prepare(ViTForImageClassification.from_pretrained(folder))
+        accuracy = evaluate(accelerator, model, held_out)
+        accelerator.free_memory()
+        return {"path": folder, "reused": True, "heldout_accuracy": accuracy, "pretrain_time_s": 0.0}
+
+    set_seed(args.pretrain_seed)
+    config = ViTConfig(
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        num_channels=1,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads,
+        intermediate_size=args.intermediate_size,
+        num_labels=len(PRETRAIN_CLASSES),
+        id2label={i: str(c) for i, c in enumerate(PRETRAIN_CLASSES)},
+        label2id={str(c): i for i, c in enumerate(PRETRAIN_CLASSES)},
+    )
+    model = ViTForImageClassification(config)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": args.pretrain_weight_decay},
+            {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=args.pretrain_lr,
+    )
+    train = digits_loader(
+        TensorDataset(pixels[train_idx], labels[train_idx]), args.pretrain_batch_size, True, args.pretrain_seed
+    )
+    model, seconds, _ = fit(
+        accelerator,
+        model,
+        optimizer,
+        train,
+        epochs=args.pretrain_epochs,
+        warmup_epochs=max(1, args.pretrain_epochs // 10),
+        augment=random_affine,
+        desc="pretrain ViT on digits 0-4",
+        progress=args.progress,
+    )
+    accuracy = evaluate(accelerator, model, held_out)
+    info = {"heldout_accuracy": accuracy, "pretrain_time_s": seconds, "settings": settings}
+    if accelerator.is_main_process:
+        os.makedirs(args.cache_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".digits_vit_", dir=args.cache_dir)
+        accelerator.unwrap_model(model).save_pretrained(staging)
+        write_json(os.path.join(staging, "pretraining.json"), info)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return {"path": folder, "reused": False, "heldout_accuracy": accuracy, "pretrain_time_s": seconds}
+
+
+def few_shot_split(labels: torch.Tensor, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`shots` random training images per class of 5-9; every other 5-9 digit is the test set."""
+    rng = np.random.default_rng(seed)
+    labels = labels.numpy()
+    train = []
+    for cls in TRANSFER_CLASSES:
+        members = np.flatnonzero(labels == cls)
+        if shots >= len(members):
+            raise ValueError(f"--shots {shots} leaves no test images of class {cls} ({len(members)} images).")
+        train.extend(rng.choice(members, size=shots, replace=False).tolist())
+    train = np.sort(np.array(train))
+    test = np.setdiff1d(np.flatnonzero(np.isin(labels, TRANSFER_CLASSES)), train)
+    return train, test
+
+
+def load_transfer_model(backbone_path: str):
+    from transformers import ViTForImageClassification
+
+    return ViTForImageClassification.from_pretrained(
+        backbone_path,
+        num_labels=len(TRANSFER_CLASSES),
+        id2label={i: str(c) for i, c in enumerate(TRANSFER_CLASSES)},
+        label2id={str(c): i for i, c in enumerate(TRANSFER_CLASSES)},
+        ignore_mismatched_sizes=True,  # the 0-4 head is dropped and a new 5-way head is initialised
+    )
+
+
+def train_one(args, accelerator, method, lr, backbone_path, train_set, eval_set, seed, desc):
+    """One transfer run: fresh head (and prompts) from `seed`, train, evaluate. Returns a dict."""
+    set_seed(seed)
+    model = prepare_for_method(load_transfer_model(backbone_path), method, args)
+    trainable = count_trainable(model)
+    optimizer = make_optimizer(model, method, lr, args)
+    loader = digits_loader(train_set, args.batch_size, True, seed)
+    model, seconds, cpu_seconds = fit(
+        accelerator,
+        model,
+        optimizer,
+        loader,
+        epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
+        augment=random_affine if args.augment else None,
+        desc=desc,
+        progress=args.progress,
+    )
+    accuracy = evaluate(accelerator, model, digits_loader(eval_set, args.eval_batch_size, False))
+    return {"model": model, "accuracy": accuracy, "trainable": trainable, "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+def run_digits(args, accelerator: Accelerator) -> dict:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the head-size mismatch on every load is intended
+    transformers.logging.disable_progress_bar()  # no "Loading weights" bar for each of the many small loads
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    wall = time.perf_counter()
+    pixels, labels = load_digit_tensors(args.image_size)
+    backbone = get_backbone(args, accelerator, pixels, labels)
+    log = accelerator.print
+    log(
+        f"backbone: ViT {args.num_hidden_layers} layers x {args.hidden_size} wide, {args.image_size}px / patch "
+        f"{args.patch_size}, pretrained on digits 0-4 "
+        + ("(reused from cache" if backbone["reused"] else f"({backbone['pretrain_time_s']:.1f} s")
+        + f", {backbone['path']})"
+    )
+    log(f"backbone held-out accuracy on digits 0-4: {100 * backbone['heldout_accuracy']:.2f} %")
+
+    transfer_labels = labels - TRANSFER_CLASSES[0]
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    if args.tune:
+        return tune_digits(args, accelerator, backbone, pixels, labels, transfer_labels, seeds)
+
+    runs = {method: [] for method in args.methods}
+    adapters = {}
+    for seed in seeds:
+        train_idx, test_idx = few_shot_split(labels, args.shots, seed)
+        train_set = TensorDataset(pixels[train_idx], transfer_labels[train_idx])
+        test_set = TensorDataset(pixels[test_idx], transfer_labels[test_idx])
+        for method in args.methods:
+            lr = learning_rate(args, method)
+            result = train_one(
+                args, accelerator, method, lr, backbone["path"], train_set, test_set, seed, f"{method} seed {seed}"
+            )
+            runs[method].append(result)
+            log(f"seed {seed} {method:<12} test accuracy {100 * result['accuracy']:.2f} % ({result['seconds']:.1f} s)")
+            if method in PROMPT_METHODS and seed == seeds[0]:
+                folder = os.path.join(args.output_dir, method)
+                save_adapter(
+                    accelerator,
+                    result["model"],
+                    folder,
+                    dataset=f"scikit-learn digits 5-9, {args.shots} shots per class, seed {seed}",
+                    metrics={"test accuracy": f"{100 * result['accuracy']:.2f} %"},
+                    trainable_parameters=f"{result['trainable']:,}",
+                    num_labels=len(TRANSFER_CLASSES),
+                    command=args.command,
+                )
+                adapters[method] = {"path": folder, "model": accelerator.unwrap_model(result["model"]), "seed": seed}
+            result["model"] = None
+            accelerator.free_memory()
+
+    rows = []
+    for method, results in runs.items():
+        accuracies = [r["accuracy"] for r in results]
+        rows.append(
+            {
+                "method": method,
+                "title": METHOD_TITLES[method],
+                "optimizer": "AdamW" if method == "full" else f"SGD (momentum {args.momentum})",
+                "learning_rate": learning_rate(args, method),
+                "accuracy_mean": float(np.mean(accuracies)),
+                "accuracy_std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+                "accuracies": accuracies,
+                "trainable_parameters": results[0]["trainable"],
+                "train_time_s_mean": float(np.mean([r["seconds"] for r in results])),
+                "train_cpu_time_s_mean": float(np.mean([r["cpu_seconds"] for r in results])),
+                "adapter_path": adapters.get(method, {}).get("path"),
+            }
+        )
+    table = format_table(rows)
+    num_test = len(few_shot_split(labels, args.shots, seeds[0])[1])
+    log(
+        f"\nDigits 0-4 -> 5-9 transfer, {args.shots} shots per class, {num_test} test images, seeds {seeds}, "
+        f"{args.epochs} epochs, {args.num_prompt_tokens} prompt tokens (std over seeds, ddof=1):\n"
+    )
+    log(table)
+    summary = {
+        "experiment": "digits 0-4 -> 5-9",
+        "command": args.command,
+        "backbone": dict(backbone),
+        "settings": {k: v for k, v in vars(args).items() if k != "config"},
+        "seeds": seeds,
+        "num_test_images": num_test,
+        "results": rows,
+        "table": table,
+        "wall_time_s": time.perf_counter() - wall,
+    }
+    if accelerator.is_main_process:
+        write_json(os.path.join(args.output_dir, "results.json"), summary)
+        log(f"\nwrote {os.path.join(args.output_dir, 'results.json')}; wall time {summary['wall_time_s']:.1f} s")
+    summary["adapters"] = adapters
+    return summary
+
+
+def tune_digits(args, accelerator, backbone, pixels, labels, transfer_labels, seeds) -> dict:
+    """k-fold cross-validation inside each seed's few-shot training set; the test digits are never used."""
+    from sklearn.model_selection import StratifiedKFold
+
+    scores = {}
+    for method in args.methods:
+        grid = ADAMW_LR_GRID if method == "full" else SGD_LR_GRID
+        for lr in grid:
+            accuracies = []
+            for seed in seeds:
+                train_idx, _ = few_shot_split(labels, args.shots, seed)
+                folds = StratifiedKFold(n_splits=args.tune_folds, shuffle=True, random_state=seed)
+                for fold, (fit_part, val_part) in enumerate(folds.split(train_idx, labels[train_idx].numpy())):
+                    fit_set = TensorDataset(pixels[train_idx[fit_part]], transfer_labels[train_idx[fit_part]])
+                    val_set = TensorDataset(pixels[train_idx[val_part]], transfer_labels[train_idx[val_part]])
+                    result = train_one(
+                        args, accelerator, method, lr, backbone["path"], fit_set, val_set, seed, f"tune {method}"
+                    )
+                    accuracies.append(result["accuracy"])
+                    accelerator.free_memory()
+            scores[(method, lr)] = float(np.mean(accuracies))
+            accelerator.print(f"tune {method:<12} lr {lr:<8g} cross-validated accuracy {100 * scores[(method, lr)]:.2f} %")
+    best = {}
+    for method in args.methods:
+        candidates = [(acc, -lr) for (m, lr), acc in scores.items() if m == method]
+        acc, neg_lr = max(candidates)  # ties go to the smaller learning rate, as VPT's tuning scripts do
+        best[method] = {"lr": -neg_lr, "cv_accuracy": acc}
+        accelerator.print(f"best {method:<12} --lr_{method} {-neg_lr:g} ({100 * acc:.2f} %)")
+    summary = {
+        "experiment": "digits 0-4 -> 5-9, learning-rate tuning",
+        "folds": args.tune_folds,
+        "seeds": seeds,
+        "scores": [{"method": m, "lr": lr, "cv_accuracy": acc} for (m, lr), acc in scores.items()],
+        "best": best,
+    }
+    if accelerator.is_main_process:
+        write_json(os.path.join(args.output_dir, "tuning.json"), summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Your model and data
+# ---------------------------------------------------------------------------------------------------------------
+def load_user_dataset(args):
+    from datasets import ClassLabel, load_dataset
+
+    if args.dataset_name:
+        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+    else:
+        data_files = {"train": os.path.join(args.train_dir, "**")}
+        if args.validation_dir:
+            data_files["validation"] = os.path.join(args.validation_dir, "**")
+        raw = load_dataset("imagefolder", data_files=data_files)
+    if args.train_split not in raw:
+        raise ValueError(f"No split '{args.train_split}' in the dataset; it has {list(raw)}.")
+    train = raw[args.train_split]
+    for column in (args.image_column, args.label_column):
+        if column not in train.column_names:
+            raise ValueError(f"No column '{column}' in the dataset; it has {train.column_names}.")
+    eval_split = args.eval_split or next((s for s in ("validation", "test") if s in raw), None)
+    if eval_split is not None:
+        evaluation = raw[eval_split]
+    else:
+        stratify = args.label_column if isinstance(train.features[args.label_column], ClassLabel) else None
+        parts = train.train_test_split(
+            test_size=args.val_split_fraction, seed=args.seed, stratify_by_column=stratify
+        )
+        train, evaluation, eval_split = parts["train"], parts["test"], f"{args.val_split_fraction:g} of train"
+    feature = train.features[args.label_column]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+        to_id = {i: i for i in range(len(names))}
+    else:
+        values = sorted(set(train[args.label_column]) | set(evaluation[args.label_column]))
+        names = [str(v) for v in values]
+        to_id = {v: i for i, v in enumerate(values)}
+    if args.max_train_samples:
+        train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples:
+        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    return train, evaluation, eval_split, names, to_id
+
+
+def image_collate(examples, processor, image_column, label_column, to_id, flip: bool):
+    from PIL import Image
+
+    images = []
+    for example in examples:
+        image = example[image_column].convert("RGB")
+        if flip and random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        images.append(image)
+    pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+    labels = torch.tensor([to_id[example[label_column]] for example in examples], dtype=torch.long)
+    return {"pixel_values": pixel_values, "labels": labels}
+
+
+def run_hub(args, accelerator: Accelerator) -> dict:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    wall = time.perf_counter()
+    set_seed(args.seed)
+    train, evaluation, eval_split, names, to_id = load_user_dataset(args)
+    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+    model = AutoModelForImageClassification.from_pretrained(
+        args.model_name_or_path,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+        ignore_mismatched_sizes=True,
+    )
+    model = prepare_for_method(model, args.method, args)
+    trainable = count_trainable(model)
+    accelerator.print(f"{args.method}: {trainable:,} trainable parameters; {len(train)} train / {len(evaluation)} eval")
+    collate = partial(
+        image_collate,
+        processor=processor,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        to_id=to_id,
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(
+        train, batch_size=args.batch_size, shuffle=True, generator=generator, collate_fn=partial(collate, flip=args.augment)
+    )
+    eval_loader = DataLoader(evaluation, batch_size=args.eval_batch_size, collate_fn=partial(collate, flip=False))
+    lr = learning_rate(args, args.method)
+    optimizer = make_optimizer(model, args.method, lr, args)
+    model, seconds, _ = fit(
+        accelerator,
+        model,
+        optimizer,
+        train_loader,
+        epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
+        desc=args.method,
+        progress=args.progress,
+    )
+    accuracy = evaluate(accelerator, model, eval_loader)
+    folder = os.path.join(args.output_dir, args.method)
+    dataset = args.dataset_name or args.train_dir
+    save_adapter(
+        accelerator,
+        model,
+        folder,
+        dataset=dataset,
+        metrics={f"accuracy ({eval_split})": f"{100 * accuracy:.2f} %"},
+        trainable_parameters=f"{trainable:,}",
+        num_labels=len(names),
+        command=args.command,
+    )
+    if accelerator.is_main_process and args.method not in PROMPT_METHODS:
+        processor.save_pretrained(folder)
+    row = {
+        "method": args.method,
+        "title": METHOD_TITLES[args.method],
+        "learning_rate": lr,
+        "accuracy_mean": accuracy,
+        "accuracy_std": 0.0,
+        "accuracies": [accuracy],
+        "trainable_parameters": trainable,
+        "train_time_s_mean": seconds,
+        "adapter_path": folder,
+    }
+    table = format_table([row])
+    accelerator.print(f"\n{args.model_name_or_path} on {dataset} (evaluated on {eval_split}):\n\n{table}")
+    summary = {
+        "experiment": "user data",
+        "command": args.command,
+        "settings": {k: v for k, v in vars(args).items() if k != "config"},
+        "eval_split": eval_split,
+        "labels": names,
+        "results": [row],
+        "table": table,
+        "wall_time_s": time.perf_counter() - wall,
+    }
+    if accelerator.is_main_process:
+        write_json(os.path.join(args.output_dir, "results.json"), summary)
+    summary["adapters"] = {args.method: {"path": folder, "model": accelerator.unwrap_model(model)}}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the recipe; returns the summary written to results.json plus the in-memory trained models."""
+    args = parse_args(argv)
+    num_threads = args.num_threads or (1 if args.mode == "digits" else None)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
+    if args.mode == "hub":
+        return run_hub(args, accelerator)
+    return run_digits(args, accelerator)
+
+
+if __name__ == "__main__":
+    main()

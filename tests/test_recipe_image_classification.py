@@ -1,0 +1,140 @@
+"""The image-classification recipe end to end, drastically shrunk: tiny pretraining, one seed, a few epochs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from peft import PeftModel  # noqa: E402
+
+import hf_vpt  # noqa: E402, F401  (registers the methods with PEFT before loading)
+
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "image_classification.py"
+HIDDEN, LAYERS, TOKENS, CLASSES = 32, 2, 3, 5
+TINY = [
+    "--hidden_size", str(HIDDEN),
+    "--num_hidden_layers", str(LAYERS),
+    "--intermediate_size", "64",
+    "--pretrain_epochs", "2",
+    "--shots", "4",
+    "--epochs", "3",
+    "--warmup_epochs", "1",
+    "--num_seeds", "1",
+    "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("recipe_image_classification", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reload_and_compare(trained, folder, base):
+    assert os.path.isfile(os.path.join(folder, "adapter_config.json"))
+    assert os.path.isfile(os.path.join(folder, "adapter_model.safetensors"))
+    assert os.path.isfile(os.path.join(folder, "README.md"))
+    reloaded = PeftModel.from_pretrained(base, folder).eval()
+    trained = trained.eval()
+    size = base.config.image_size
+    pixels = torch.randn(4, base.config.num_channels, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained(pixel_values=pixels).logits
+        got = reloaded(pixel_values=pixels).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_digits_experiment(recipe, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"num_prompt_tokens: {TOKENS}\nmethods: [linear, vpt_shallow, vpt_deep, full]\n")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = [*TINY, "--config", str(config), "--output_dir", str(out), "--cache_dir", str(cache)]
+    summary = recipe.main(argv)
+
+    data = json.loads((out / "results.json").read_text())
+    rows = {row["method"]: row for row in data["results"]}
+    assert list(rows) == ["linear", "vpt_shallow", "vpt_deep", "full"]
+    for row in rows.values():
+        assert len(row["accuracies"]) == 1
+        assert math.isfinite(row["accuracy_mean"]) and 0.0 <= row["accuracy_mean"] <= 1.0
+        assert row["train_time_s_mean"] > 0
+        assert row["title"] in data["table"]
+
+    head = HIDDEN * CLASSES + CLASSES
+    counts = {method: row["trainable_parameters"] for method, row in rows.items()}
+    assert counts["linear"] == head
+    assert counts["vpt_shallow"] == head + TOKENS * HIDDEN
+    assert counts["vpt_deep"] == head + LAYERS * TOKENS * HIDDEN
+    assert counts["linear"] < counts["vpt_shallow"] < counts["vpt_deep"] < counts["full"]
+
+    backbone = data["backbone"]
+    assert not backbone["reused"] and 0.0 <= backbone["heldout_accuracy"] <= 1.0
+    for method in ("vpt_shallow", "vpt_deep"):
+        folder = str(out / method)
+        saved = json.loads((out / method / "adapter_config.json").read_text())
+        assert saved["depth"] == method.split("_")[1] and saved["num_prompt_tokens"] == TOKENS
+        assert saved["modules_to_save"] == ["classifier"]
+        _reload_and_compare(summary["adapters"][method]["model"], folder, recipe.load_transfer_model(backbone["path"]))
+
+    # A second run with the same pretraining settings reuses the cached backbone.
+    again = recipe.main([*argv, "--methods", "linear", "--output_dir", str(tmp_path / "again")])
+    assert again["backbone"]["reused"] and again["backbone"]["path"] == backbone["path"]
+    assert again["backbone"]["heldout_accuracy"] == pytest.approx(backbone["heldout_accuracy"])
+
+
+def test_local_model_and_imagefolder(recipe, tmp_path):
+    """The user-data path, offline: a local checkpoint and a local imagefolder stand in for the Hub."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    checkpoint = tmp_path / "tiny-vit"
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(
+        ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, num_labels=7)
+    )  # fmt: skip
+    vit.save_pretrained(checkpoint)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 3)):
+        for name, level in (("dark", 40), ("light", 200)):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(level, 20, size=(20, 20, 3)), 0, 255).astype("uint8")
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+    out = tmp_path / "out"
+    summary = recipe.main(
+        [
+            "--model_name_or_path", str(checkpoint),
+            "--train_dir", str(tmp_path / "train"),
+            "--validation_dir", str(tmp_path / "val"),
+            "--method", "vpt_deep",
+            "--num_prompt_tokens", "2",
+            "--epochs", "2",
+            "--batch_size", "4",
+            "--output_dir", str(out),
+            "--no-progress",
+        ]
+    )  # fmt: skip
+    data = json.loads((out / "results.json").read_text())
+    (row,) = data["results"]
+    assert row["method"] == "vpt_deep" and 0.0 <= row["accuracy_mean"] <= 1.0
+    assert data["labels"] == ["dark", "light"] and data["eval_split"] == "validation"
+    assert row["trainable_parameters"] == 32 * 2 + 2 + 2 * 2 * 32
+    base = ViTForImageClassification.from_pretrained(checkpoint, num_labels=2, ignore_mismatched_sizes=True)
+    _reload_and_compare(summary["adapters"]["vpt_deep"]["model"], str(out / "vpt_deep"), base)
