@@ -19,10 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from _vit import build_vit_b16
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import ViTConfig, ViTForImageClassification
 
 import hf_vpt
 
@@ -30,18 +29,8 @@ import hf_vpt
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def build_base(layers: int) -> ViTForImageClassification:
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=224,
-        patch_size=16,
-        hidden_size=768,
-        num_hidden_layers=layers,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        num_labels=100,
-    )
-    return ViTForImageClassification(config).eval()
+def build_base(layers: int):
+    return build_vit_b16(layers).eval()
 
 
 def configs():

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+from _vit import build_vit_b16
 from peft import get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import ViTConfig, ViTForImageClassification
 
 import hf_vpt
 
@@ -33,18 +33,8 @@ import hf_vpt
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def build_base(args) -> ViTForImageClassification:
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=224,
-        patch_size=16,
-        hidden_size=768,
-        num_hidden_layers=args.layers,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        num_labels=100,
-    )
-    return ViTForImageClassification(config).eval()
+def build_base(args):
+    return build_vit_b16(args.layers).eval()
 
 
 def methods(p: int) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _vit import build_vit_b16
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,19 +49,7 @@ METHODS = [
 
 
 def build_base(layers: int):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=224,
-        patch_size=16,
-        hidden_size=768,
-        num_hidden_layers=layers,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        num_labels=100,
-    )
-    return ViTForImageClassification(config)
+    return build_vit_b16(layers)
 
 
 class PlainDeepVPT(torch.nn.Module):
