@@ -2,13 +2,14 @@
 
 * command line: `add_common_args` (the options every recipe has) and `parse_args_with_config` (a YAML `--config`
   file whose keys override the argparse defaults; the command line overrides the file);
-* optimisation: `make_optimizer` (SGD with momentum 0.9 for VPT-style prompts, AdamW elsewhere) and
-  `warmup_cosine_schedule` (linear warm-up, then cosine decay, stepped once per optimiser step);
+* optimisation: `make_optimizer` (SGD with momentum 0.9 for VPT-style prompts and linear probing, AdamW elsewhere)
+  and `warmup_cosine_schedule` (linear warm-up, then cosine decay, stepped once per optimiser step);
 * the loop: `make_accelerator` (trackers, seedable shuffling), `save_checkpoint` / `resume` (`accelerator.save_state`
   every N steps; `--resume_from_checkpoint` restores model, optimiser, scheduler, RNG states, the step and the
   position in the data with `skip_first_batches`), `progress_bar` (tqdm on the main process only);
 * the end: `results_table`, `save_adapter` (the PEFT adapter plus a complete model card through
-  `hf_vpt.hub.write_model_card`) and `push_folder_to_hub` (`huggingface_hub.create_repo` + `upload_folder`).
+  `hf_vpt.hub.write_model_card`) and `push_folder_to_hub` (`huggingface_hub.create_repo` + `upload_folder`);
+  `add_tracker_args` / `add_hub_args` declare the options of the last two for recipes with their own loop.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 PROMPT_STYLE_SGD = ("visual_prompt", "vpt", "vpt_shallow", "vpt_deep", "gated_prompt", "gated")
+# Methods trained with SGD + momentum by default: the VPT family and, as in VPT's code, linear probing.
+SGD_METHODS = (*PROMPT_STYLE_SGD, "linear")
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.json"
 
@@ -71,21 +74,37 @@ def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str, learnin
         default=None,
         help="Stop (as if interrupted) after this many steps; the schedule still follows --max_train_steps.",
     )
+    add_tracker_args(group)
+    group.add_argument("--progress", action=bool_flag, default=True, help="tqdm bar (main process only).")
+    add_hub_args(group)
+    return parser
+
+
+def add_tracker_args(group, default: str = "tensorboard") -> None:
+    """`--report_to`: the trackers of `available_trackers` / `make_accelerator`."""
     group.add_argument(
         "--report_to",
-        default="tensorboard",
+        default=default,
         help="Trackers for accelerate's `log_with` ('tensorboard', 'wandb', 'all', 'none'); skipped if not installed.",
     )
-    group.add_argument("--progress", action=bool_flag, default=True, help="tqdm bar (main process only).")
+
+
+def add_hub_args(group) -> None:
+    """`--push_to_hub` and its options, read by `finish` / `push_folder_to_hub`."""
     group.add_argument("--push_to_hub", action="store_true", help="Upload the adapter folder with huggingface_hub.")
     group.add_argument("--hub_model_id", default=None, help="Repo id for --push_to_hub (default: the folder name).")
     group.add_argument("--hub_token", default=None)
     group.add_argument("--hub_private_repo", action="store_true")
-    return parser
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, script: str) -> argparse.Namespace:
-    """Parse `argv`; keys of the YAML `--config` file replace the defaults, explicit options win over both."""
+def parse_args_with_config(
+    parser: argparse.ArgumentParser, argv: list[str] | None, script: str, comma_lists: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """Parse `argv`; keys of the YAML `--config` file replace the defaults, explicit options win over both.
+
+    `comma_lists` names options that take a comma-separated string (`--methods a,b`); the YAML file may give them as
+    a list (`methods: [a, b]`).
+    """
     known, _ = parser.parse_known_args(argv)
     if getattr(known, "config", None):
         import yaml
@@ -99,6 +118,9 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
         unknown = sorted(set(overrides) - valid - {"help"})
         if unknown:
             parser.error(f"unknown keys in {known.config}: {unknown}")
+        for key in comma_lists:
+            if isinstance(overrides.get(key), (list, tuple)):
+                overrides[key] = ",".join(str(item) for item in overrides[key])
         parser.set_defaults(**overrides)
     args = parser.parse_args(argv)
     args.command = command_line(script, argv)
@@ -115,26 +137,45 @@ def command_line(script: str, argv: list[str] | None) -> str:
 # optimisation
 # ---------------------------------------------------------------------------------------------------------------
 def default_optimizer_name(method: str) -> str:
-    """SGD for VPT-style prompts (as the VPT papers), AdamW for everything else."""
-    return "sgd" if method.lower() in PROMPT_STYLE_SGD else "adamw"
+    """SGD for VPT-style prompts and linear probing (as the VPT papers), AdamW for everything else (APT, LoRA, full
+    fine-tuning, generative prompts)."""
+    return "sgd" if method.lower() in SGD_METHODS else "adamw"
 
 
-def make_optimizer(model: torch.nn.Module, args, method: str) -> torch.optim.Optimizer:
-    """SGD (momentum `args.momentum`) or AdamW over the trainable parameters; no weight decay on biases/norms."""
-    name = args.optimizer if args.optimizer != "auto" else default_optimizer_name(method)
+def make_optimizer(
+    model: torch.nn.Module,
+    args,
+    method: str,
+    *,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    adamw_eps: float | None = None,
+) -> torch.optim.Optimizer:
+    """SGD (momentum `args.momentum`) or AdamW over the trainable parameters; no weight decay on biases/norms.
+
+    `args.optimizer` ('auto', 'sgd', 'adamw'; 'auto' if absent) picks the optimiser, 'auto' by `method`. `lr` and
+    `weight_decay` default to `args.learning_rate` and `args.weight_decay` (recipes with one value per method pass
+    theirs); `adamw_eps` defaults to torch's 1e-8.
+    """
+    optimizer = getattr(args, "optimizer", "auto")
+    name = optimizer if optimizer != "auto" else default_optimizer_name(method)
+    lr = args.learning_rate if lr is None else lr
+    weight_decay = args.weight_decay if weight_decay is None else weight_decay
     decay, no_decay = [], []
     for param_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 or param_name.endswith(".bias") else decay).append(param)
     groups = [
-        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [group for group in groups if group["params"]]
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.momentum)
-    return torch.optim.AdamW(groups, lr=args.learning_rate)
+        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum)
+    if adamw_eps is None:
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, eps=adamw_eps)
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
@@ -345,9 +386,24 @@ def results_table(rows: dict[str, object]) -> str:
 
 
 def save_adapter(
-    accelerator, model, folder: str, *, dataset: str, metrics: dict, command: str, trainable: str, save_fn=None
+    accelerator,
+    model,
+    folder: str,
+    *,
+    dataset: str,
+    metrics: dict,
+    command: str,
+    trainable: str,
+    save_fn=None,
+    **card,
 ) -> str:
-    """Save the adapter (`model.save_pretrained` or `save_fn(folder)`) and write its complete model card."""
+    """Save the adapter (`model.save_pretrained` or `save_fn(folder)`) and write its complete model card.
+
+    Every process must call it (it waits for the others); the main process writes. `card` holds more model-card
+    data for `hf_vpt.hub.write_model_card` (`task`, `num_labels`, `labels`, ...); the base model's class is filled
+    in from the model. A model without a PEFT adapter (full fine-tuning, linear probing) is saved whole, without
+    an hf_vpt card.
+    """
     from hf_vpt.hub import write_model_card
 
     accelerator.wait_for_everyone()
@@ -358,15 +414,21 @@ def save_adapter(
             save_fn(folder)
         else:
             unwrapped.save_pretrained(folder)
-        config = unwrapped.peft_config["default"]
-        write_model_card(
-            folder,
-            config,
-            dataset=dataset,
-            metrics={k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
-            command=command,
-            trainable_parameters=trainable,
-        )
+        config = getattr(unwrapped, "peft_config", {}).get("default")
+        if config is not None:
+            if hasattr(unwrapped, "get_base_model"):
+                base_class = type(unwrapped.get_base_model())
+                card.setdefault("base_model_class", base_class.__name__)
+                card.setdefault("base_model_library", base_class.__module__)
+            write_model_card(
+                folder,
+                config,
+                dataset=dataset,
+                metrics={k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
+                command=command,
+                trainable_parameters=trainable,
+                **card,
+            )
     accelerator.wait_for_everyone()
     return folder
 

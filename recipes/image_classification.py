@@ -1,25 +1,38 @@
 #!/usr/bin/env python
-"""Image classification with visual prompt tuning: linear probing, VPT-shallow, VPT-deep and full fine-tuning.
+"""Image classification with prompt tuning on a frozen ViT, next to the usual baselines.
+
+Methods: linear probing, VPT-shallow, VPT-deep, gated prompt tuning (`gated`), approximated prompt tuning (`apt`),
+and as baselines PEFT's LoRA (`lora`, rank 8 on the attention's query and value projections) and full fine-tuning.
+The VPT family and linear probing train with SGD + momentum as in VPT's code; APT, LoRA and full fine-tuning with
+AdamW. Each method has its learning-rate option (`--lr_vpt_deep`, `--lr_lora`, ...).
 
 Two modes, one script:
 
 * **Default (no arguments, no network):** an embedded transfer experiment that runs in a few minutes on a CPU.
   A small ViT is pretrained on scikit-learn's 8x8 digits of classes 0-4 (cached, keyed by its hyper-parameters),
-  then frozen and transferred to classes 5-9 from `--shots` labelled images per class with four methods. The
-  remaining 5-9 digits are the test set. Several seeds; a table (accuracy mean ± std, trainable parameters, train
-  time) is printed and written to `<output_dir>/results.json`; the prompt adapters are saved with
-  `save_pretrained`.
+  then frozen and transferred to classes 5-9 from `--shots` labelled images per class with four methods (linear,
+  vpt_shallow, vpt_deep, full; add the others with `--methods`). The remaining 5-9 digits are the test set.
+  Several seeds; a table (accuracy mean ± std, trainable parameters, train time) is printed and written to
+  `<output_dir>/results.json`; the adapters are saved with `save_pretrained`.
 
       python recipes/image_classification.py
+      python recipes/image_classification.py --methods linear,vpt_deep,gated,apt,lora,full
       accelerate launch recipes/image_classification.py --mixed_precision bf16
 
   `--tune` instead picks the learning rates by k-fold cross-validation *inside* the few-shot training sets (the
-  test digits are never looked at); the defaults below were chosen that way.
+  test digits are never looked at); the defaults of linear, VPT and full below were chosen that way, those of
+  gated, APT and LoRA are untuned starting points (`--tune --methods gated,apt,lora` searches them).
 
 * **Your model and data:** fine-tune a Hub (or local) checkpoint on a Hub dataset or a local `imagefolder`.
 
       accelerate launch recipes/image_classification.py --model_name_or_path google/vit-base-patch16-224-in21k \
           --dataset_name uoft-cs/cifar10 --image_column img --label_column label --method vpt_deep
+
+Several processes (`accelerate launch --num_processes N`) give the same training as one process with an N times
+larger `--batch_size`: every process starts from the same seed, the shuffled order is drawn by one seeded
+generator, and process i takes batches i, i + N, ... of it, so one optimiser step sees the same images either way
+(when the number of training images is a multiple of N x `--batch_size`; otherwise accelerate pads the last step
+with images from the start). tests/test_multiprocess.py checks this with `--save_rank_tensors`.
 
 Every option can also come from a YAML file, `--config my.yaml`, whose keys (the option names below, without the
 dashes) override the defaults; options given on the command line override the file.
@@ -33,7 +46,6 @@ import json
 import math
 import os
 import random
-import shlex
 import shutil
 import sys
 import tempfile
@@ -46,25 +58,39 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-import hf_vpt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import hf_vpt  # noqa: E402
 
 
-METHODS = ("linear", "vpt_shallow", "vpt_deep", "full")
-PROMPT_METHODS = ("vpt_shallow", "vpt_deep")
+METHODS = ("linear", "vpt_shallow", "vpt_deep", "gated", "apt", "lora", "full")
+# The digits experiment's default --methods; the others are opt-in.
+DIGITS_METHODS = ("linear", "vpt_shallow", "vpt_deep", "full")
+PROMPT_METHODS = ("vpt_shallow", "vpt_deep", "gated", "apt")
+# Methods whose result is a PEFT adapter (saved with its model card); linear and full save the whole model.
+ADAPTER_METHODS = (*PROMPT_METHODS, "lora")
 METHOD_TITLES = {
     "linear": "linear probing",
     "vpt_shallow": "VPT-shallow",
     "vpt_deep": "VPT-deep",
+    "gated": "gated prompt tuning",
+    "apt": "APT",
+    "lora": "LoRA",
     "full": "full fine-tuning",
 }
-# Learning-rate grids searched by `--tune` (SGD for the head and prompt methods, AdamW for full fine-tuning).
+ADAMW_EPS = 1e-6  # of every AdamW method (full fine-tuning, APT, LoRA)
+# Learning-rate grids searched by `--tune` (SGD for the head and the VPT family, AdamW for the others).
 SGD_LR_GRID = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 ADAMW_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
+ADAPTER_ADAMW_LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)  # APT and LoRA train few parameters: larger steps than full
+TUNE_GRIDS = {"full": ADAMW_LR_GRID, "apt": ADAPTER_ADAMW_LR_GRID, "lora": ADAPTER_ADAMW_LR_GRID}
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 # Options that take a different default in the embedded experiment and on user data.
@@ -72,6 +98,7 @@ MODE_DEFAULTS = {
     "digits": {"epochs": 60, "warmup_epochs": 6, "batch_size": 10},
     "hub": {"epochs": 10, "warmup_epochs": 1, "batch_size": 32},
 }
+SCRIPT = "recipes/image_classification.py"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="outputs/image_classification")
     run.add_argument(
-        "--methods", default=",".join(METHODS), help=f"Comma-separated methods for the digits experiment: {METHODS}."
+        "--methods",
+        default=",".join(DIGITS_METHODS),
+        help=f"Comma-separated methods for the digits experiment, from {', '.join(METHODS)}.",
     )
     run.add_argument("--seed", type=int, default=0, help="First seed; the runs use seed, seed+1, ...")
     run.add_argument("--num_seeds", type=int, default=3)
@@ -102,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads per process. Default: 1 for the digits experiment (its tensors are too small to "
         "gain from more), torch's own default on your data.",
     )
+    _common.add_tracker_args(run, default="none")
+    run.add_argument(
+        "--save_rank_tensors",
+        action="store_true",
+        help="Every process also writes the tensors it trains (adapter and head; all weights for full fine-tuning) "
+        "to <output_dir>/rank<N>/<method>-seed<S>.safetensors after training and to ...-init.safetensors before "
+        "(your data: <method>[-init].safetensors), to check that the processes of a distributed run stay "
+        "identical (tests/test_multiprocess.py).",
+    )
 
     transfer = parser.add_argument_group("transfer (both modes)")
     transfer.add_argument("--epochs", type=int, default=None, help="Default: 60 (digits) or 10 (your data).")
@@ -110,13 +148,38 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--lr_linear", type=float, default=1.0, help="SGD learning rate of linear probing.")
     transfer.add_argument("--lr_vpt_shallow", type=float, default=1.0, help="SGD learning rate of VPT-shallow.")
     transfer.add_argument("--lr_vpt_deep", type=float, default=1.0, help="SGD learning rate of VPT-deep.")
+    transfer.add_argument("--lr_gated", type=float, default=1.0, help="SGD learning rate of gated prompt tuning.")
+    transfer.add_argument("--lr_apt", type=float, default=1e-3, help="AdamW learning rate of APT.")
+    transfer.add_argument("--lr_lora", type=float, default=1e-3, help="AdamW learning rate of LoRA.")
     transfer.add_argument("--lr_full", type=float, default=1e-3, help="AdamW learning rate of full fine-tuning.")
     transfer.add_argument("--weight_decay", type=float, default=1e-4, help="SGD weight decay (not on biases).")
     transfer.add_argument("--full_weight_decay", type=float, default=0.01, help="AdamW weight decay (full).")
+    transfer.add_argument("--apt_weight_decay", type=float, default=0.01, help="AdamW weight decay (APT).")
+    transfer.add_argument("--lora_weight_decay", type=float, default=0.01, help="AdamW weight decay (LoRA).")
     transfer.add_argument("--momentum", type=float, default=0.9)
-    transfer.add_argument("--num_prompt_tokens", type=int, default=5)
-    transfer.add_argument("--prompt_dropout", type=float, default=0.0)
-    transfer.add_argument("--prompt_init", default="vpt_uniform", choices=["vpt_uniform", "normal", "zeros"])
+    transfer.add_argument(
+        "--num_prompt_tokens", type=int, default=5, help="Prompt tokens of VPT and gated; prompts per layer of APT."
+    )
+    transfer.add_argument("--prompt_dropout", type=float, default=0.0, help="VPT and gated prompts.")
+    transfer.add_argument(
+        "--prompt_init", default="vpt_uniform", choices=["vpt_uniform", "normal", "zeros"], help="VPT and gated."
+    )
+    transfer.add_argument(
+        "--gate_init",
+        type=float,
+        default=10.0,
+        help="Gated: initial gate prior k, gates start at sigmoid(-k) (the official default 10: almost closed).",
+    )
+    transfer.add_argument(
+        "--gated_learn_temperature",
+        action=bool_flag,
+        default=True,
+        help="Gated: learn one attention temperature per block (the official setting).",
+    )
+    transfer.add_argument("--apt_rank", type=int, default=4, help="APT: rank of the key map (released code: 4).")
+    transfer.add_argument("--lora_rank", type=int, default=8, help="LoRA: rank r.")
+    transfer.add_argument("--lora_alpha", type=int, default=16, help="LoRA: scale alpha (updates scaled by alpha/r).")
+    transfer.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA: dropout on the LoRA branch input.")
     transfer.add_argument(
         "--augment",
         action=bool_flag,
@@ -156,29 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--val_split_fraction", type=float, default=0.15)
     hub.add_argument("--max_train_samples", type=int, default=None)
     hub.add_argument("--max_eval_samples", type=int, default=None)
+    _common.add_hub_args(hub)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        import yaml
-
-        with open(known.config, encoding="utf-8") as handle:
-            overrides = yaml.safe_load(handle) or {}
-        if not isinstance(overrides, dict):
-            parser.error(f"{known.config} must hold a mapping of option names to values.")
-        overrides = {str(key).replace("-", "_"): value for key, value in overrides.items()}
-        valid = {action.dest for action in parser._actions}
-        unknown = sorted(set(overrides) - valid - {"help"})
-        if unknown:
-            parser.error(f"unknown keys in {known.config}: {unknown}")
-        if isinstance(overrides.get("methods"), (list, tuple)):
-            overrides["methods"] = ",".join(overrides["methods"])
-        parser.set_defaults(**overrides)
-    args = parser.parse_args(argv)
-    args.command = command_line(argv)
+    args = _common.parse_args_with_config(parser, argv, SCRIPT, comma_lists=("methods",))
     args.mode = "hub" if args.model_name_or_path else "digits"
     for key, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
@@ -186,14 +233,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
-        parser.error(f"unknown methods {bad}; choose from {METHODS}")
+        parser.error(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    if not args.methods:
+        parser.error(f"--methods is empty; give at least one of {', '.join(METHODS)}")
     if args.mode == "hub" and not (args.dataset_name or args.train_dir):
         parser.error("--model_name_or_path needs --dataset_name or --train_dir.")
     if args.mode == "digits" and (args.dataset_name or args.train_dir):
         parser.error("--dataset_name / --train_dir need --model_name_or_path (the checkpoint to adapt).")
+    if args.mode == "digits" and args.push_to_hub:
+        parser.error(
+            "--push_to_hub uploads the adapter trained on your data; use it with --model_name_or_path (the digits "
+            "experiment's adapters are demos of a locally pretrained toy ViT)."
+        )
     if args.shots < 1 or args.num_seeds < 1:
         parser.error("--shots and --num_seeds must be positive.")
+    for name in ("num_prompt_tokens", "apt_rank", "lora_rank"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer; got {getattr(args, name)}.")
     args.cache_dir = os.path.expanduser(args.cache_dir)
+    args.trackers = _common.available_trackers(args.report_to)
     return args
 
 
@@ -204,20 +262,24 @@ def learning_rate(args, method: str) -> float:
     return getattr(args, f"lr_{method}")
 
 
-def make_optimizer(model: torch.nn.Module, method: str, lr: float, args) -> torch.optim.Optimizer:
-    """SGD with momentum for the head and prompt methods (as VPT's code), AdamW for full fine-tuning.
+def weight_decay(args, method: str) -> float:
+    """`--weight_decay` for the SGD methods, `--<method>_weight_decay` for the AdamW ones."""
+    if _common.default_optimizer_name(method) == "sgd":
+        return args.weight_decay
+    return getattr(args, f"{method}_weight_decay")
 
-    Biases and other 1-d parameters (LayerNorm) get no weight decay.
-    """
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    weight_decay = args.full_weight_decay if method == "full" else args.weight_decay
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if method == "full":
-        return torch.optim.AdamW(groups, lr=lr, eps=1e-6)
-    return torch.optim.SGD(groups, lr=lr, momentum=args.momentum)
+
+def optimizer_title(args, method: str) -> str:
+    return f"SGD (momentum {args.momentum})" if _common.default_optimizer_name(method) == "sgd" else "AdamW"
+
+
+def make_optimizer(model: torch.nn.Module, method: str, lr: float, args) -> torch.optim.Optimizer:
+    """The paper optimisers: SGD with momentum for linear probing and the VPT family (as VPT's code), AdamW for
+    APT, LoRA and full fine-tuning (`_common.default_optimizer_name`). Biases and other 1-d parameters (LayerNorm)
+    get no weight decay."""
+    return _common.make_optimizer(
+        model, args, method, lr=lr, weight_decay=weight_decay(args, method), adamw_eps=ADAMW_EPS
+    )
 
 
 def count_trainable(model: torch.nn.Module) -> int:
@@ -235,10 +297,13 @@ def fit(
     augment=None,
     desc: str = "train",
     progress: bool = True,
+    log_prefix: str | None = None,
 ) -> tuple[torch.nn.Module, float, float]:
     """Train with linear warm-up then cosine decay, stepped per optimizer step.
 
-    Returns the prepared model, the wall-clock seconds and the CPU seconds of this process.
+    With `log_prefix`, the loss (mean over processes) and learning rate of every optimizer step go to the trackers
+    as `<log_prefix>/train_loss` and `<log_prefix>/lr`. Returns the prepared model, the wall-clock seconds and the
+    CPU seconds of this process.
     """
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = max(1, math.ceil(len(loader) / accelerator.gradient_accumulation_steps))
@@ -248,8 +313,13 @@ def fit(
     model.train()
     start, start_cpu = time.perf_counter(), time.process_time()
     bar = tqdm(
-        range(epochs), desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and accelerator.is_main_process)
+        range(epochs),
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=not (progress and accelerator.is_main_process),
     )
+    step = 0
     for _ in bar:
         for batch in loader:
             with accelerator.accumulate(model):
@@ -265,6 +335,12 @@ def fit(
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad()
+            if log_prefix is not None and accelerator.sync_gradients:
+                step += 1
+                mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
+                accelerator.log(
+                    {f"{log_prefix}/train_loss": mean_loss, f"{log_prefix}/lr": scheduler.get_last_lr()[0]}, step=step
+                )
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model, time.perf_counter() - start, time.process_time() - start_cpu
 
@@ -283,8 +359,80 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoade
     return correct / max(total, 1)
 
 
+def attention_projections(model: torch.nn.Module) -> list[str]:
+    """LoRA's targets: the query and value projection of every block of the model's vision tower(s).
+
+    The blocks are found by structure (`hf_vpt.find_towers`), the projections inside a block by the names
+    transformers gives them (`q_proj`/`v_proj` in 5.x ViTs, `query`/`value` in older or other models). Returns
+    the bare names (`["q_proj", "v_proj"]`) when they pick exactly these modules, which keeps the saved
+    adapter_config.json free of module paths, else the full module paths.
+    """
+    towers = hf_vpt.find_towers(model)
+    towers = [tower for tower in towers if tower.kind == "vision"] or towers
+    if not towers:
+        supported = ", ".join(spec.name for spec in hf_vpt.SUPPORTED_ARCHITECTURES)
+        raise ValueError(
+            f"{type(model).__name__} contains no transformer that hf_vpt knows ({supported}), so the LoRA baseline "
+            "cannot find the query/value projections of its attention blocks. Use a model built on one of them, or "
+            "give LoRA its target_modules yourself with peft.LoraConfig."
+        )
+    targets = []
+    for tower in towers:
+        for block_name, block in zip(tower.block_names, tower.blocks):
+            for role, names in (("query", tower.spec.query_names), ("value", tower.spec.value_names)):
+                found = [
+                    name
+                    for name, module in block.named_modules()
+                    if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names
+                ]
+                if len(found) != 1:
+                    raise ValueError(
+                        f"Expected one attention {role} projection (an nn.Linear named one of {names}) in "
+                        f"{block_name} ({type(block).__name__}), found {found or 'none'}."
+                    )
+                targets.append(f"{block_name}.{found[0]}")
+    leaves = sorted({target.rsplit(".", 1)[-1] for target in targets})
+    same_leaf = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in leaves}
+    return leaves if same_leaf == set(targets) else targets
+
+
+def adapter_config(model: torch.nn.Module, method: str, args):
+    """The PEFT config of an adapter method; the head (`--head_module`) is trained and saved with it."""
+    head = [args.head_module]
+    if method in ("vpt_shallow", "vpt_deep"):
+        return hf_vpt.VisualPromptConfig(
+            num_prompt_tokens=args.num_prompt_tokens,
+            depth="shallow" if method == "vpt_shallow" else "deep",
+            prompt_dropout=args.prompt_dropout,
+            prompt_init=args.prompt_init,
+            modules_to_save=head,
+        )
+    if method == "gated":
+        return hf_vpt.GatedPromptConfig(
+            num_prompt_tokens=args.num_prompt_tokens,
+            prompt_dropout=args.prompt_dropout,
+            prompt_init=args.prompt_init,
+            gate_init=args.gate_init,
+            learn_temperature=args.gated_learn_temperature,
+            modules_to_save=head,
+        )
+    if method == "apt":
+        return hf_vpt.ApproxPromptConfig(
+            num_prompt_tokens=args.num_prompt_tokens, rank=args.apt_rank, modules_to_save=head
+        )
+    if method == "lora":
+        return LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=attention_projections(model),
+            modules_to_save=head,
+        )
+    raise ValueError(f"{method!r} is not an adapter method; these are {ADAPTER_METHODS}.")
+
+
 def prepare_for_method(model: torch.nn.Module, method: str, args) -> torch.nn.Module:
-    """Make only what `method` trains trainable. Prompt methods go through the public PEFT API."""
+    """Make only what `method` trains trainable. Adapter methods go through the public PEFT API."""
     head = args.head_module
     if not hasattr(model, head):
         raise ValueError(f"The model has no module '{head}'; pass the name of its head with --head_module.")
@@ -295,30 +443,36 @@ def prepare_for_method(model: torch.nn.Module, method: str, args) -> torch.nn.Mo
         model.requires_grad_(False)
         getattr(model, head).requires_grad_(True)
         return model
-    config = hf_vpt.VisualPromptConfig(
-        num_prompt_tokens=args.num_prompt_tokens,
-        depth="shallow" if method == "vpt_shallow" else "deep",
-        prompt_dropout=args.prompt_dropout,
-        prompt_init=args.prompt_init,
-        modules_to_save=[head],
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, adapter_config(model, method, args))
 
 
-def save_adapter(accelerator: Accelerator, model: torch.nn.Module, folder: str, **card) -> None:
-    """`save_pretrained` writes adapter_config.json, adapter_model.safetensors and the README.md model card."""
-    if not accelerator.is_main_process:
-        return
+def save_rank_tensors(args, accelerator: Accelerator, model: torch.nn.Module, name: str) -> None:
+    """`--save_rank_tensors`: this process's trainable tensors to `<output_dir>/rank<N>/<name>.safetensors`."""
+    from safetensors.torch import save_file
+
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(folder)
-    peft_config = getattr(unwrapped, "peft_config", {}).get("default")
-    if peft_config is not None:
-        try:  # richer card: dataset, metrics, command; the plain card from save_pretrained is already there
-            from hf_vpt.hub import write_model_card
+    tensors = {key: p.detach().cpu().contiguous() for key, p in unwrapped.named_parameters() if p.requires_grad}
+    folder = os.path.join(args.output_dir, f"rank{accelerator.process_index}")
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, f"{name}.safetensors"))
 
-            write_model_card(folder, peft_config, **card)
-        except (ImportError, TypeError) as exc:  # pragma: no cover - an older hf_vpt
-            print(f"note: kept the plain model card ({exc})")
+
+def save_result(args, accelerator: Accelerator, model, folder: str, **card) -> None:
+    """Save an adapter with its model card (`_common.save_adapter`), or the whole model for linear and full.
+
+    Every process calls it; the main process writes.
+    """
+    _common.save_adapter(
+        accelerator,
+        model,
+        folder,
+        dataset=card.pop("dataset"),
+        metrics=card.pop("metrics"),
+        command=args.command,
+        trainable=_common.trainable_parameters(accelerator.unwrap_model(model)),
+        task="image-classification",
+        **card,
+    )
 
 
 def format_table(rows: list[dict]) -> str:
@@ -334,10 +488,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def command_line(argv: list[str] | None) -> str:
-    """The command that reproduces this run, for results.json and the model cards."""
-    script = os.path.relpath(sys.argv[0]) if argv is None and sys.argv[0] else "recipes/image_classification.py"
-    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+def settings(args) -> dict:
+    """The options of this run for results.json (never the Hub token)."""
+    return {k: v for k, v in vars(args).items() if k not in ("config", "hub_token")}
 
 
 def write_json(path: str, data: dict) -> None:
@@ -504,10 +657,18 @@ def load_transfer_model(backbone_path: str):
     )
 
 
-def train_one(args, accelerator, method, lr, backbone_path, train_set, eval_set, seed, desc):
-    """One transfer run: fresh head (and prompts) from `seed`, train, evaluate. Returns a dict."""
+def train_one(
+    args, accelerator, method, lr, backbone_path, train_set, eval_set, seed, desc, log_prefix=None, rank_tensors=None
+):
+    """One transfer run: fresh head (and adapter) from `seed`, train, evaluate. Returns a dict.
+
+    With `rank_tensors` (a file name), every process writes its trainable tensors before and after training
+    (`save_rank_tensors`).
+    """
     set_seed(seed)
     model = prepare_for_method(load_transfer_model(backbone_path), method, args)
+    if rank_tensors:
+        save_rank_tensors(args, accelerator, model, f"{rank_tensors}-init")
     trainable = count_trainable(model)
     optimizer = make_optimizer(model, method, lr, args)
     loader = digits_loader(train_set, args.batch_size, True, seed)
@@ -521,9 +682,18 @@ def train_one(args, accelerator, method, lr, backbone_path, train_set, eval_set,
         augment=random_affine if args.augment else None,
         desc=desc,
         progress=args.progress,
+        log_prefix=log_prefix,
     )
+    if rank_tensors:
+        save_rank_tensors(args, accelerator, model, rank_tensors)
     accuracy = evaluate(accelerator, model, digits_loader(eval_set, args.eval_batch_size, False))
-    return {"model": model, "accuracy": accuracy, "trainable": trainable, "seconds": seconds, "cpu_seconds": cpu_seconds}
+    return {
+        "model": model,
+        "accuracy": accuracy,
+        "trainable": trainable,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+    }
 
 
 def run_digits(args, accelerator: Accelerator) -> dict:
@@ -551,6 +721,7 @@ def run_digits(args, accelerator: Accelerator) -> dict:
 
     runs = {method: [] for method in args.methods}
     adapters = {}
+    _common.init_trackers(accelerator, args, "image_classification")
     for seed in seeds:
         train_idx, test_idx = few_shot_split(labels, args.shots, seed)
         train_set = TensorDataset(pixels[train_idx], transfer_labels[train_idx])
@@ -558,21 +729,32 @@ def run_digits(args, accelerator: Accelerator) -> dict:
         for method in args.methods:
             lr = learning_rate(args, method)
             result = train_one(
-                args, accelerator, method, lr, backbone["path"], train_set, test_set, seed, f"{method} seed {seed}"
+                args,
+                accelerator,
+                method,
+                lr,
+                backbone["path"],
+                train_set,
+                test_set,
+                seed,
+                f"{method} seed {seed}",
+                log_prefix=f"{method}/seed{seed}" if args.trackers else None,
+                rank_tensors=f"{method}-seed{seed}" if args.save_rank_tensors else None,
             )
             runs[method].append(result)
             log(f"seed {seed} {method:<12} test accuracy {100 * result['accuracy']:.2f} % ({result['seconds']:.1f} s)")
-            if method in PROMPT_METHODS and seed == seeds[0]:
+            accelerator.log({f"{method}/seed{seed}/test_accuracy": result["accuracy"]})
+            if method in ADAPTER_METHODS and seed == seeds[0]:
                 folder = os.path.join(args.output_dir, method)
-                save_adapter(
+                save_result(
+                    args,
                     accelerator,
                     result["model"],
                     folder,
                     dataset=f"scikit-learn digits 5-9, {args.shots} shots per class, seed {seed}",
                     metrics={"test accuracy": f"{100 * result['accuracy']:.2f} %"},
-                    trainable_parameters=f"{result['trainable']:,}",
                     num_labels=len(TRANSFER_CLASSES),
-                    command=args.command,
+                    labels=[str(c) for c in TRANSFER_CLASSES],
                 )
                 adapters[method] = {"path": folder, "model": accelerator.unwrap_model(result["model"]), "seed": seed}
             result["model"] = None
@@ -585,7 +767,7 @@ def run_digits(args, accelerator: Accelerator) -> dict:
             {
                 "method": method,
                 "title": METHOD_TITLES[method],
-                "optimizer": "AdamW" if method == "full" else f"SGD (momentum {args.momentum})",
+                "optimizer": optimizer_title(args, method),
                 "learning_rate": learning_rate(args, method),
                 "accuracy_mean": float(np.mean(accuracies)),
                 "accuracy_std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
@@ -607,8 +789,9 @@ def run_digits(args, accelerator: Accelerator) -> dict:
         "experiment": "digits 0-4 -> 5-9",
         "command": args.command,
         "backbone": dict(backbone),
-        "settings": {k: v for k, v in vars(args).items() if k != "config"},
+        "settings": settings(args),
         "seeds": seeds,
+        "num_processes": accelerator.num_processes,
         "num_test_images": num_test,
         "results": rows,
         "table": table,
@@ -617,6 +800,8 @@ def run_digits(args, accelerator: Accelerator) -> dict:
     if accelerator.is_main_process:
         write_json(os.path.join(args.output_dir, "results.json"), summary)
         log(f"\nwrote {os.path.join(args.output_dir, 'results.json')}; wall time {summary['wall_time_s']:.1f} s")
+    if args.trackers:
+        accelerator.end_training()
     summary["adapters"] = adapters
     return summary
 
@@ -627,8 +812,7 @@ def tune_digits(args, accelerator, backbone, pixels, labels, transfer_labels, se
 
     scores = {}
     for method in args.methods:
-        grid = ADAMW_LR_GRID if method == "full" else SGD_LR_GRID
-        for lr in grid:
+        for lr in TUNE_GRIDS.get(method, SGD_LR_GRID):
             accuracies = []
             for seed in seeds:
                 train_idx, _ = few_shot_split(labels, args.shots, seed)
@@ -642,7 +826,9 @@ def tune_digits(args, accelerator, backbone, pixels, labels, transfer_labels, se
                     accuracies.append(result["accuracy"])
                     accelerator.free_memory()
             scores[(method, lr)] = float(np.mean(accuracies))
-            accelerator.print(f"tune {method:<12} lr {lr:<8g} cross-validated accuracy {100 * scores[(method, lr)]:.2f} %")
+            accelerator.print(
+                f"tune {method:<12} lr {lr:<8g} cross-validated accuracy {100 * scores[(method, lr)]:.2f} %"
+            )
     best = {}
     for method in args.methods:
         candidates = [(acc, -lr) for (m, lr), acc in scores.items() if m == method]
@@ -685,9 +871,7 @@ def load_user_dataset(args):
         evaluation = raw[eval_split]
     else:
         stratify = args.label_column if isinstance(train.features[args.label_column], ClassLabel) else None
-        parts = train.train_test_split(
-            test_size=args.val_split_fraction, seed=args.seed, stratify_by_column=stratify
-        )
+        parts = train.train_test_split(test_size=args.val_split_fraction, seed=args.seed, stratify_by_column=stratify)
         train, evaluation, eval_split = parts["train"], parts["test"], f"{args.val_split_fraction:g} of train"
     feature = train.features[args.label_column]
     if isinstance(feature, ClassLabel):
@@ -733,8 +917,12 @@ def run_hub(args, accelerator: Accelerator) -> dict:
         ignore_mismatched_sizes=True,
     )
     model = prepare_for_method(model, args.method, args)
+    if args.save_rank_tensors:
+        save_rank_tensors(args, accelerator, model, f"{args.method}-init")
     trainable = count_trainable(model)
-    accelerator.print(f"{args.method}: {trainable:,} trainable parameters; {len(train)} train / {len(evaluation)} eval")
+    accelerator.print(
+        f"{args.method}: {trainable:,} trainable parameters; {len(train)} train / {len(evaluation)} eval"
+    )
     collate = partial(
         image_collate,
         processor=processor,
@@ -744,11 +932,16 @@ def run_hub(args, accelerator: Accelerator) -> dict:
     )
     generator = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(
-        train, batch_size=args.batch_size, shuffle=True, generator=generator, collate_fn=partial(collate, flip=args.augment)
+        train,
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=partial(collate, flip=args.augment),
     )
     eval_loader = DataLoader(evaluation, batch_size=args.eval_batch_size, collate_fn=partial(collate, flip=False))
     lr = learning_rate(args, args.method)
     optimizer = make_optimizer(model, args.method, lr, args)
+    _common.init_trackers(accelerator, args, "image_classification")
     model, seconds, _ = fit(
         accelerator,
         model,
@@ -758,25 +951,30 @@ def run_hub(args, accelerator: Accelerator) -> dict:
         warmup_epochs=args.warmup_epochs,
         desc=args.method,
         progress=args.progress,
+        log_prefix="train" if args.trackers else None,
     )
     accuracy = evaluate(accelerator, model, eval_loader)
+    accelerator.log({"eval/accuracy": accuracy})
+    if args.save_rank_tensors:
+        save_rank_tensors(args, accelerator, model, args.method)
     folder = os.path.join(args.output_dir, args.method)
     dataset = args.dataset_name or args.train_dir
-    save_adapter(
+    save_result(
+        args,
         accelerator,
         model,
         folder,
         dataset=dataset,
         metrics={f"accuracy ({eval_split})": f"{100 * accuracy:.2f} %"},
-        trainable_parameters=f"{trainable:,}",
         num_labels=len(names),
-        command=args.command,
+        labels=names,
     )
-    if accelerator.is_main_process and args.method not in PROMPT_METHODS:
-        processor.save_pretrained(folder)
+    if accelerator.is_main_process and args.method not in ADAPTER_METHODS:
+        processor.save_pretrained(folder)  # the whole model was saved: make the folder loadable on its own
     row = {
         "method": args.method,
         "title": METHOD_TITLES[args.method],
+        "optimizer": optimizer_title(args, args.method),
         "learning_rate": lr,
         "accuracy_mean": accuracy,
         "accuracy_std": 0.0,
@@ -790,7 +988,8 @@ def run_hub(args, accelerator: Accelerator) -> dict:
     summary = {
         "experiment": "user data",
         "command": args.command,
-        "settings": {k: v for k, v in vars(args).items() if k != "config"},
+        "settings": settings(args),
+        "num_processes": accelerator.num_processes,
         "eval_split": eval_split,
         "labels": names,
         "results": [row],
@@ -799,6 +998,12 @@ def run_hub(args, accelerator: Accelerator) -> dict:
     }
     if accelerator.is_main_process:
         write_json(os.path.join(args.output_dir, "results.json"), summary)
+        if args.push_to_hub:
+            repo_id = _common.push_folder_to_hub(folder, args.hub_model_id, args.hub_token, args.hub_private_repo)
+            accelerator.print(f"Pushed {folder} to https://huggingface.co/{repo_id}")
+            summary["hub_repo_id"] = repo_id
+    if args.trackers:
+        accelerator.end_training()
     summary["adapters"] = {args.method: {"path": folder, "model": accelerator.unwrap_model(model)}}
     return summary
 
@@ -809,8 +1014,18 @@ def main(argv: list[str] | None = None) -> dict:
     num_threads = args.num_threads or (1 if args.mode == "digits" else None)
     if num_threads:
         torch.set_num_threads(num_threads)
+    tracking = {}
+    if args.trackers:
+        from accelerate.utils import ProjectConfiguration
+
+        tracking = {
+            "log_with": args.trackers,
+            "project_config": ProjectConfiguration(
+                project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+            ),
+        }
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps, **tracking
     )
     if args.mode == "hub":
         return run_hub(args, accelerator)

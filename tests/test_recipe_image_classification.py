@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
@@ -94,7 +95,72 @@ def test_digits_experiment(recipe, tmp_path):
     assert again["backbone"]["heldout_accuracy"] == pytest.approx(backbone["heldout_accuracy"])
 
 
-def test_local_model_and_imagefolder(recipe, tmp_path):
+def _card_snippet(folder) -> str:
+    card = (Path(folder) / "README.md").read_text()
+    return card.split("## Use it\n\n```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_gated_apt_and_lora_on_digits(recipe, tmp_path):
+    """The opt-in methods run end to end, with their paper optimisers, and their adapters load back bit-exactly."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = [*TINY, "--num_prompt_tokens", str(TOKENS), "--methods", "gated,apt,lora", "--output_dir", str(out)]
+    summary = recipe.main([*argv, "--cache_dir", str(cache)])
+
+    data = json.loads((out / "results.json").read_text())
+    rows = {row["method"]: row for row in data["results"]}
+    assert list(rows) == ["gated", "apt", "lora"]
+    assert rows["gated"]["optimizer"].startswith("SGD") and rows["gated"]["learning_rate"] == 1.0
+    assert rows["apt"]["optimizer"] == rows["lora"]["optimizer"] == "AdamW"
+    assert rows["apt"]["learning_rate"] == rows["lora"]["learning_rate"] == 1e-3
+    head = HIDDEN * CLASSES + CLASSES
+    # gated: shallow prompts, a gate per block but the last, a temperature per block
+    assert rows["gated"]["trainable_parameters"] == head + TOKENS * HIDDEN + (LAYERS - 1) + LAYERS
+    # APT, per block: prompts [p, d], key map [r, d] + [d, r] (r = 4), scale
+    assert rows["apt"]["trainable_parameters"] == head + LAYERS * (TOKENS * HIDDEN + 2 * 4 * HIDDEN + 1)
+    # LoRA r = 8 on the query and value projections of every block
+    assert rows["lora"]["trainable_parameters"] == head + LAYERS * 2 * (2 * 8 * HIDDEN)
+    for row in rows.values():
+        assert 0.0 <= row["accuracy_mean"] <= 1.0 and row["adapter_path"] == str(out / row["method"])
+
+    saved = {m: json.loads((out / m / "adapter_config.json").read_text()) for m in rows}
+    assert saved["gated"]["peft_type"] == "GATED_PROMPT" and saved["gated"]["gate_init"] == 10.0
+    assert saved["apt"]["peft_type"] == "APPROX_PROMPT" and saved["apt"]["rank"] == 4
+    assert saved["lora"]["peft_type"] == "LORA" and (saved["lora"]["r"], saved["lora"]["lora_alpha"]) == (8, 16)
+    assert sorted(saved["lora"]["target_modules"]) == ["q_proj", "v_proj"]  # found by structure, path-free
+    for method in rows:
+        assert saved[method]["modules_to_save"] == ["classifier"]
+        snippet = _card_snippet(out / method)
+        assert snippet.startswith("import hf_vpt") and "AutoModelForImageClassification" in snippet
+        base = recipe.load_transfer_model(data["backbone"]["path"])
+        _reload_and_compare(summary["adapters"][method]["model"], str(out / method), base)
+
+
+def test_lora_targets_are_found_by_structure(recipe):
+    from transformers import ViltConfig, ViltModel, ViTConfig, ViTForImageClassification
+
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, **small))
+    assert recipe.attention_projections(vit) == ["q_proj", "v_proj"]  # transformers 5.x names
+    assert recipe.attention_projections(ViltModel(ViltConfig(**small))) == ["query", "value"]  # the older names
+    # A module outside the blocks with the same name: the bare names would hit it, so full paths come back.
+    vit.q_proj = torch.nn.Linear(32, 32)
+    targets = recipe.attention_projections(vit)
+    assert len(targets) == 4 and all(t.startswith("vit.") for t in targets) and "q_proj" not in targets
+    with pytest.raises(ValueError, match="contains no transformer that hf_vpt knows"):
+        recipe.attention_projections(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_bad_options_name_the_fix(recipe, capsys):
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--methods", "vpt_deep,prefix"])
+    assert "unknown methods ['prefix']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--push_to_hub"])
+    assert "use it with --model_name_or_path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["vpt_deep", "lora"])
+def test_local_model_and_imagefolder(recipe, tmp_path, method):
     """The user-data path, offline: a local checkpoint and a local imagefolder stand in for the Hub."""
     import numpy as np
     from PIL import Image
@@ -123,7 +189,7 @@ def test_local_model_and_imagefolder(recipe, tmp_path):
             "--model_name_or_path", str(checkpoint),
             "--train_dir", str(tmp_path / "train"),
             "--validation_dir", str(tmp_path / "val"),
-            "--method", "vpt_deep",
+            "--method", method,
             "--num_prompt_tokens", "2",
             "--epochs", "2",
             "--batch_size", "4",
@@ -133,8 +199,13 @@ def test_local_model_and_imagefolder(recipe, tmp_path):
     )  # fmt: skip
     data = json.loads((out / "results.json").read_text())
     (row,) = data["results"]
-    assert row["method"] == "vpt_deep" and 0.0 <= row["accuracy_mean"] <= 1.0
+    assert row["method"] == method and 0.0 <= row["accuracy_mean"] <= 1.0
     assert data["labels"] == ["dark", "light"] and data["eval_split"] == "validation"
-    assert row["trainable_parameters"] == 32 * 2 + 2 + 2 * 2 * 32
+    adapter = 2 * 2 * 32 if method == "vpt_deep" else 2 * 2 * (2 * 8 * 32)  # 2 prompts / LoRA q, v; 2 blocks
+    assert row["trainable_parameters"] == 32 * 2 + 2 + adapter
+    snippet = _card_snippet(out / method)
+    ast.parse(snippet)
+    assert snippet.startswith("import hf_vpt") and f'from_pretrained("{checkpoint}")' in snippet
+    assert 'id2label={0: "dark", 1: "light"}' in snippet
     base = ViTForImageClassification.from_pretrained(checkpoint, num_labels=2, ignore_mismatched_sizes=True)
-    _reload_and_compare(summary["adapters"]["vpt_deep"]["model"], str(out / "vpt_deep"), base)
+    _reload_and_compare(summary["adapters"][method]["model"], str(out / method), base)
