@@ -66,6 +66,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import digits_mae  # noqa: E402
 
 import hf_vpt  # noqa: E402
 
@@ -73,6 +74,9 @@ import hf_vpt  # noqa: E402
 METHODS = ("linear", "vpt_shallow", "vpt_deep", "gated", "apt", "lora", "full")
 # The digits experiment's default --methods; the others are opt-in.
 DIGITS_METHODS = ("linear", "vpt_shallow", "vpt_deep", "full")
+BACKBONES = ("supervised", "mae")
+MAE_METHODS = ("linear", "vpt_shallow", "vpt_deep", "gated")
+READOUT_METHODS = ("vpt_shallow", "vpt_deep", "gated")  # configs with a `readout` field
 PROMPT_METHODS = ("vpt_shallow", "vpt_deep", "gated", "apt")
 # Methods whose result is a PEFT adapter (saved with its model card); linear and full save the whole model.
 ADAPTER_METHODS = (*PROMPT_METHODS, "lora")
@@ -95,7 +99,7 @@ PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 # Options that take a different default in the embedded experiment and on user data.
 MODE_DEFAULTS = {
-    "digits": {"epochs": 60, "warmup_epochs": 6, "batch_size": 10},
+    "digits": {"epochs": 20, "warmup_epochs": 2, "batch_size": 10},
     "hub": {"epochs": 10, "warmup_epochs": 1, "batch_size": 32},
 }
 SCRIPT = "recipes/image_classification.py"
@@ -142,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     transfer = parser.add_argument_group("transfer (both modes)")
-    transfer.add_argument("--epochs", type=int, default=None, help="Default: 60 (digits) or 10 (your data).")
-    transfer.add_argument("--warmup_epochs", type=float, default=None, help="Default: 6 (digits) or 1 (your data).")
+    transfer.add_argument("--epochs", type=int, default=None, help="Default: 20 (digits) or 10 (your data).")
+    transfer.add_argument("--warmup_epochs", type=float, default=None, help="Default: 2 (digits) or 1 (your data).")
     transfer.add_argument("--batch_size", type=int, default=None, help="Per device. Default: 10 (digits) or 32.")
     transfer.add_argument("--lr_linear", type=float, default=1.0, help="SGD learning rate of linear probing.")
     transfer.add_argument("--lr_vpt_shallow", type=float, default=1.0, help="SGD learning rate of VPT-shallow.")
@@ -189,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--head_module", default="classifier", help="Name of the classification head module.")
 
     digits = parser.add_argument_group("embedded digits experiment")
-    digits.add_argument("--shots", type=int, default=10, help="Labelled training images per class of 5-9.")
+    digits.add_argument(
+        "--shots",
+        type=int,
+        default=100,
+        help="Labelled training images per class of 5-9 (100: VTAB-1k's scale of a few hundred images).",
+    )
     digits.add_argument("--cache_dir", default=os.path.join("~", ".cache", "hf_vpt"))
     digits.add_argument("--image_size", type=int, default=16, help="The 8x8 digits are upscaled to this size.")
     digits.add_argument("--patch_size", type=int, default=4)
@@ -202,6 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--pretrain_lr", type=float, default=2e-3)
     digits.add_argument("--pretrain_weight_decay", type=float, default=0.05)
     digits.add_argument("--pretrain_seed", type=int, default=0)
+    digits.add_argument(
+        "--backbones",
+        default=",".join(BACKBONES),
+        help="Comma-separated pretrained backbones to transfer from: 'supervised' (classification of digits 0-4) "
+        "and/or 'mae' (the MAE objective on digits 0-4, no labels; see recipes/digits_mae.py).",
+    )
+    digits.add_argument(
+        "--mae_methods",
+        default=",".join(MAE_METHODS),
+        help="Comma-separated methods for the MAE backbone (the gated-prompt paper's comparison).",
+    )
+    digits.add_argument("--mae_patch_size", type=int, default=4)
+    digits.add_argument("--mae_mask_ratio", type=float, default=0.75)
+    digits.add_argument("--mae_pretrain_epochs", type=int, default=200)
+    digits.add_argument("--mae_pretrain_lr", type=float, default=1.5e-3)
     digits.add_argument("--tune", action="store_true", help="Pick learning rates by k-fold CV on the shots.")
     digits.add_argument("--tune_folds", type=int, default=5)
 
@@ -225,17 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = _common.parse_args_with_config(parser, argv, SCRIPT, comma_lists=("methods",))
+    args = _common.parse_args_with_config(parser, argv, SCRIPT, comma_lists=("methods", "mae_methods", "backbones"))
     args.mode = "hub" if args.model_name_or_path else "digits"
     for key, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad:
-        parser.error(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
-    if not args.methods:
-        parser.error(f"--methods is empty; give at least one of {', '.join(METHODS)}")
+    for option in ("methods", "mae_methods"):
+        chosen = [m.strip() for m in str(getattr(args, option)).split(",") if m.strip()]
+        bad = [m for m in chosen if m not in METHODS]
+        if bad:
+            parser.error(f"unknown methods {bad} in --{option}; choose from {', '.join(METHODS)}")
+        if not chosen:
+            parser.error(f"--{option} is empty; give at least one of {', '.join(METHODS)}")
+        setattr(args, option, chosen)
+    args.backbones = [b.strip() for b in str(args.backbones).split(",") if b.strip()]
+    if not args.backbones or any(b not in BACKBONES for b in args.backbones):
+        parser.error(f"--backbones must list some of {', '.join(BACKBONES)}; got {args.backbones}.")
+    if not 0.0 < args.mae_mask_ratio < 1.0:
+        parser.error(f"--mae_mask_ratio must be in (0, 1); got {args.mae_mask_ratio}.")
     if args.mode == "hub" and not (args.dataset_name or args.train_dir):
         parser.error("--model_name_or_path needs --dataset_name or --train_dir.")
     if args.mode == "digits" and (args.dataset_name or args.train_dir):
@@ -396,15 +427,20 @@ def attention_projections(model: torch.nn.Module) -> list[str]:
     return leaves if same_leaf == set(targets) else targets
 
 
-def adapter_config(model: torch.nn.Module, method: str, args):
-    """The PEFT config of an adapter method; the head (`--head_module`) is trained and saved with it."""
+def adapter_config(model: torch.nn.Module, method: str, args, readout: str = "default"):
+    """The PEFT config of an adapter method; the head (`--head_module`) is trained and saved with it.
+
+    `readout` goes to the prompt configs that have one (VPT, gated): "default" or an MAE readout."""
     head = [args.head_module]
+    if readout != "default" and method not in READOUT_METHODS:
+        raise ValueError(f"{method!r} has no readout option; only {READOUT_METHODS} take readout={readout!r}.")
     if method in ("vpt_shallow", "vpt_deep"):
         return hf_vpt.VisualPromptConfig(
             num_prompt_tokens=args.num_prompt_tokens,
             depth="shallow" if method == "vpt_shallow" else "deep",
             prompt_dropout=args.prompt_dropout,
             prompt_init=args.prompt_init,
+            readout=readout,
             modules_to_save=head,
         )
     if method == "gated":
@@ -414,6 +450,7 @@ def adapter_config(model: torch.nn.Module, method: str, args):
             prompt_init=args.prompt_init,
             gate_init=args.gate_init,
             learn_temperature=args.gated_learn_temperature,
+            readout=readout,
             modules_to_save=head,
         )
     if method == "apt":
@@ -431,7 +468,7 @@ def adapter_config(model: torch.nn.Module, method: str, args):
     raise ValueError(f"{method!r} is not an adapter method; these are {ADAPTER_METHODS}.")
 
 
-def prepare_for_method(model: torch.nn.Module, method: str, args) -> torch.nn.Module:
+def prepare_for_method(model: torch.nn.Module, method: str, args, readout: str = "default") -> torch.nn.Module:
     """Make only what `method` trains trainable. Adapter methods go through the public PEFT API."""
     head = args.head_module
     if not hasattr(model, head):
@@ -443,7 +480,7 @@ def prepare_for_method(model: torch.nn.Module, method: str, args) -> torch.nn.Mo
         model.requires_grad_(False)
         getattr(model, head).requires_grad_(True)
         return model
-    return get_peft_model(model, adapter_config(model, method, args))
+    return get_peft_model(model, adapter_config(model, method, args, readout=readout))
 
 
 def save_rank_tensors(args, accelerator: Accelerator, model: torch.nn.Module, name: str) -> None:
@@ -658,15 +695,30 @@ def load_transfer_model(backbone_path: str):
 
 
 def train_one(
-    args, accelerator, method, lr, backbone_path, train_set, eval_set, seed, desc, log_prefix=None, rank_tensors=None
+    args,
+    accelerator,
+    method,
+    lr,
+    backbone_path,
+    train_set,
+    eval_set,
+    seed,
+    desc,
+    log_prefix=None,
+    rank_tensors=None,
+    readout="cls",
 ):
     """One transfer run: fresh head (and adapter) from `seed`, train, evaluate. Returns a dict.
 
-    With `rank_tensors` (a file name), every process writes its trainable tensors before and after training
-    (`save_rank_tensors`).
+    `readout="mean"` is MAE's readout (see recipes/digits_mae.py): the prompt configs get
+    `readout="mean_model_norm"`, every other method a mean-token hook on the final norm. With `rank_tensors` (a file
+    name), every process writes its trainable tensors before and after training (`save_rank_tensors`).
     """
     set_seed(seed)
-    model = prepare_for_method(load_transfer_model(backbone_path), method, args)
+    model = load_transfer_model(backbone_path)
+    if readout == "mean" and method not in READOUT_METHODS:
+        digits_mae.mean_token_readout(model)
+    model = prepare_for_method(model, method, args, readout="mean_model_norm" if readout == "mean" else "default")
     if rank_tensors:
         save_rank_tensors(args, accelerator, model, f"{rank_tensors}-init")
     trainable = count_trainable(model)
@@ -696,7 +748,41 @@ def train_one(
     }
 
 
+def load_backbone(args, accelerator: Accelerator, kind: str, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The pretrained backbone `kind` ('supervised' or 'mae'), pretrained now or reused from the cache."""
+    if kind == "supervised":
+        backbone = get_backbone(args, accelerator, pixels, labels)
+        quality = f"held-out accuracy on digits 0-4: {100 * backbone['heldout_accuracy']:.2f} %"
+        patch_size = args.patch_size
+    else:
+        backbone = digits_mae.get_mae_backbone(
+            args,
+            accelerator,
+            pixels,
+            labels,
+            pretrain_split=pretrain_split,
+            loader=digits_loader,
+            augment=random_affine,
+            classes=PRETRAIN_CLASSES,
+        )
+        quality = (
+            f"held-out MAE loss on digits 0-4: {backbone['heldout_reconstruction_loss']:.4f} "
+            f"(untrained: {backbone['heldout_reconstruction_loss_at_init']:.4f})"
+        )
+        patch_size = args.mae_patch_size
+    accelerator.print(
+        f"{kind} backbone: ViT {args.num_hidden_layers} layers x {args.hidden_size} wide, {args.image_size}px / patch "
+        f"{patch_size}, pretrained on digits 0-4 "
+        + ("(reused from cache" if backbone["reused"] else f"({backbone['pretrain_time_s']:.1f} s")
+        + f", {backbone['path']}); {quality}"
+    )
+    return {"kind": kind, **backbone}
+
+
 def run_digits(args, accelerator: Accelerator) -> dict:
+    """The embedded experiment on every backbone of `--backbones`.
+
+    results.json holds the first backbone's table at the top level and every backbone's under `by_backbone`."""
     import transformers
 
     transformers.logging.set_verbosity_error()  # the head-size mismatch on every load is intended
@@ -704,30 +790,59 @@ def run_digits(args, accelerator: Accelerator) -> dict:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     wall = time.perf_counter()
     pixels, labels = load_digit_tensors(args.image_size)
-    backbone = get_backbone(args, accelerator, pixels, labels)
-    log = accelerator.print
-    log(
-        f"backbone: ViT {args.num_hidden_layers} layers x {args.hidden_size} wide, {args.image_size}px / patch "
-        f"{args.patch_size}, pretrained on digits 0-4 "
-        + ("(reused from cache" if backbone["reused"] else f"({backbone['pretrain_time_s']:.1f} s")
-        + f", {backbone['path']})"
-    )
-    log(f"backbone held-out accuracy on digits 0-4: {100 * backbone['heldout_accuracy']:.2f} %")
-
-    transfer_labels = labels - TRANSFER_CLASSES[0]
     seeds = [args.seed + i for i in range(args.num_seeds)]
-    if args.tune:
-        return tune_digits(args, accelerator, backbone, pixels, labels, transfer_labels, seeds)
+    if args.trackers:
+        _common.init_trackers(accelerator, args, "image_classification")
+    experiments = {}
+    for kind in args.backbones:
+        backbone = load_backbone(args, accelerator, kind, pixels, labels)
+        methods = args.methods if kind == "supervised" else args.mae_methods
+        if args.tune:
+            experiments[kind] = tune_digits(args, accelerator, backbone, methods, pixels, labels, seeds)
+        else:
+            experiments[kind] = transfer_experiment(args, accelerator, backbone, methods, pixels, labels, seeds)
+    if args.trackers:
+        accelerator.end_training()
+    adapters = {kind: experiment.pop("adapters", {}) for kind, experiment in experiments.items()}
+    summary = {
+        **experiments[args.backbones[0]],
+        "command": args.command,
+        "settings": settings(args),
+        "num_processes": accelerator.num_processes,
+        "by_backbone": experiments,
+        "wall_time_s": time.perf_counter() - wall,
+    }
+    if accelerator.is_main_process:
+        name = "tuning.json" if args.tune else "results.json"
+        write_json(os.path.join(args.output_dir, name), summary)
+        accelerator.print(f"\nwrote {os.path.join(args.output_dir, name)}; wall time {summary['wall_time_s']:.1f} s")
+    summary["adapters"] = adapters[args.backbones[0]]
+    summary["adapters_by_backbone"] = adapters
+    return summary
 
-    runs = {method: [] for method in args.methods}
-    adapters = {}
-    _common.init_trackers(accelerator, args, "image_classification")
+
+def experiment_dir(args, backbone: dict) -> str:
+    """Adapters and plots of the supervised backbone go to `--output_dir`, the others to a sub-folder."""
+    kind = backbone["kind"]
+    return args.output_dir if kind == "supervised" else os.path.join(args.output_dir, kind)
+
+
+def transfer_experiment(args, accelerator, backbone: dict, methods, pixels, labels, seeds) -> dict:
+    """Few-shot transfer to digits 5-9 from one frozen backbone: every method on every seed, then the table."""
+    log = accelerator.print
+    kind = backbone["kind"]
+    readout = "mean" if kind == "mae" else "cls"
+    transfer_labels = labels - TRANSFER_CLASSES[0]
+    runs = {method: [] for method in methods}
+    adapters, gates = {}, []
+    out_dir = experiment_dir(args, backbone)
     for seed in seeds:
         train_idx, test_idx = few_shot_split(labels, args.shots, seed)
         train_set = TensorDataset(pixels[train_idx], transfer_labels[train_idx])
         test_set = TensorDataset(pixels[test_idx], transfer_labels[test_idx])
-        for method in args.methods:
+        for method in methods:
             lr = learning_rate(args, method)
+            tag = f"{kind}/{method}/seed{seed}"
             result = train_one(
                 args,
                 accelerator,
@@ -737,15 +852,20 @@ def run_digits(args, accelerator: Accelerator) -> dict:
                 train_set,
                 test_set,
                 seed,
-                f"{method} seed {seed}",
-                log_prefix=f"{method}/seed{seed}" if args.trackers else None,
-                rank_tensors=f"{method}-seed{seed}" if args.save_rank_tensors else None,
+                f"{kind} {method} seed {seed}",
+                log_prefix=tag if args.trackers else None,
+                rank_tensors=tag.replace("/", "-").removeprefix("supervised-") if args.save_rank_tensors else None,
+                readout=readout,
             )
             runs[method].append(result)
-            log(f"seed {seed} {method:<12} test accuracy {100 * result['accuracy']:.2f} % ({result['seconds']:.1f} s)")
-            accelerator.log({f"{method}/seed{seed}/test_accuracy": result["accuracy"]})
+            log(
+                f"{kind} seed {seed} {method:<12} test accuracy {100 * result['accuracy']:.2f} % ({result['seconds']:.1f} s)"
+            )
+            accelerator.log({f"{tag}/test_accuracy": result["accuracy"]})
+            if method == "gated":
+                gates.append(hf_vpt.gate_values(accelerator.unwrap_model(result["model"])))
             if method in ADAPTER_METHODS and seed == seeds[0]:
-                folder = os.path.join(args.output_dir, method)
+                folder = os.path.join(out_dir, method)
                 save_result(
                     args,
                     accelerator,
@@ -780,38 +900,43 @@ def run_digits(args, accelerator: Accelerator) -> dict:
         )
     table = format_table(rows)
     num_test = len(few_shot_split(labels, args.shots, seeds[0])[1])
+    readout_note = "CLS readout" if readout == "cls" else "MAE readout: mean over tokens, then the pretrained norm"
     log(
-        f"\nDigits 0-4 -> 5-9 transfer, {args.shots} shots per class, {num_test} test images, seeds {seeds}, "
-        f"{args.epochs} epochs, {args.num_prompt_tokens} prompt tokens (std over seeds, ddof=1):\n"
+        f"\nDigits 0-4 -> 5-9 transfer from the {kind} backbone ({readout_note}), {args.shots} shots per class, "
+        f"{num_test} test images, seeds {seeds}, {args.epochs} epochs, {args.num_prompt_tokens} prompt tokens "
+        "(std over seeds, ddof=1):\n"
     )
     log(table)
     summary = {
-        "experiment": "digits 0-4 -> 5-9",
-        "command": args.command,
+        "experiment": f"digits 0-4 -> 5-9, {kind} backbone",
         "backbone": dict(backbone),
-        "settings": settings(args),
+        "readout": readout,
         "seeds": seeds,
-        "num_processes": accelerator.num_processes,
         "num_test_images": num_test,
         "results": rows,
         "table": table,
-        "wall_time_s": time.perf_counter() - wall,
+        "adapters": adapters,
     }
-    if accelerator.is_main_process:
-        write_json(os.path.join(args.output_dir, "results.json"), summary)
-        log(f"\nwrote {os.path.join(args.output_dir, 'results.json')}; wall time {summary['wall_time_s']:.1f} s")
-    if args.trackers:
-        accelerator.end_training()
-    summary["adapters"] = adapters
+    if gates:
+        summary["gates"] = gates
+        if accelerator.is_main_process:
+            plot = os.path.join(out_dir, "gates.png")
+            digits_mae.plot_gates(
+                gates, plot, f"gated prompts, {kind} backbone: learned gates over {len(gates)} seeds"
+            )
+            summary["gate_plot"] = plot
+            log(f"wrote the gate plot {plot}")
     return summary
 
 
-def tune_digits(args, accelerator, backbone, pixels, labels, transfer_labels, seeds) -> dict:
+def tune_digits(args, accelerator, backbone, methods, pixels, labels, seeds) -> dict:
     """k-fold cross-validation inside each seed's few-shot training set; the test digits are never used."""
     from sklearn.model_selection import StratifiedKFold
 
+    transfer_labels = labels - TRANSFER_CLASSES[0]
+    readout = "mean" if backbone["kind"] == "mae" else "cls"
     scores = {}
-    for method in args.methods:
+    for method in methods:
         for lr in TUNE_GRIDS.get(method, SGD_LR_GRID):
             accuracies = []
             for seed in seeds:
@@ -821,7 +946,16 @@ def tune_digits(args, accelerator, backbone, pixels, labels, transfer_labels, se
                     fit_set = TensorDataset(pixels[train_idx[fit_part]], transfer_labels[train_idx[fit_part]])
                     val_set = TensorDataset(pixels[train_idx[val_part]], transfer_labels[train_idx[val_part]])
                     result = train_one(
-                        args, accelerator, method, lr, backbone["path"], fit_set, val_set, seed, f"tune {method}"
+                        args,
+                        accelerator,
+                        method,
+                        lr,
+                        backbone["path"],
+                        fit_set,
+                        val_set,
+                        seed,
+                        f"tune {method}",
+                        readout=readout,
                     )
                     accuracies.append(result["accuracy"])
                     accelerator.free_memory()
@@ -830,21 +964,19 @@ def tune_digits(args, accelerator, backbone, pixels, labels, transfer_labels, se
                 f"tune {method:<12} lr {lr:<8g} cross-validated accuracy {100 * scores[(method, lr)]:.2f} %"
             )
     best = {}
-    for method in args.methods:
+    for method in methods:
         candidates = [(acc, -lr) for (m, lr), acc in scores.items() if m == method]
         acc, neg_lr = max(candidates)  # ties go to the smaller learning rate, as VPT's tuning scripts do
         best[method] = {"lr": -neg_lr, "cv_accuracy": acc}
         accelerator.print(f"best {method:<12} --lr_{method} {-neg_lr:g} ({100 * acc:.2f} %)")
-    summary = {
-        "experiment": "digits 0-4 -> 5-9, learning-rate tuning",
+    return {
+        "experiment": f"digits 0-4 -> 5-9, {backbone['kind']} backbone, learning-rate tuning",
+        "backbone": dict(backbone),
         "folds": args.tune_folds,
         "seeds": seeds,
         "scores": [{"method": m, "lr": lr, "cv_accuracy": acc} for (m, lr), acc in scores.items()],
         "best": best,
     }
-    if accelerator.is_main_process:
-        write_json(os.path.join(args.output_dir, "tuning.json"), summary)
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ RECIPE = ROOT / "recipes" / "image_classification.py"
 METHOD, SEED = "vpt_deep", 0
 BATCH = 5  # per process; 4 shots x 5 classes = 20 training images = 2 optimiser steps of 2 x 5 per epoch
 TINY = [
+    "--backbones", "supervised",
     "--methods", METHOD,
     "--seed", str(SEED),
     "--num_seeds", "1",

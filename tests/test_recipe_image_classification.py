@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 
@@ -21,8 +22,10 @@ import hf_vpt  # noqa: E402, F401  (registers the methods with PEFT before loadi
 
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "image_classification.py"
+sys.path.insert(0, str(RECIPE.parent))  # the recipe's own modules (digits_mae)
 HIDDEN, LAYERS, TOKENS, CLASSES = 32, 2, 3, 5
 TINY = [
+    "--backbones", "supervised",
     "--hidden_size", str(HIDDEN),
     "--num_hidden_layers", str(LAYERS),
     "--intermediate_size", "64",
@@ -209,3 +212,94 @@ def test_local_model_and_imagefolder(recipe, tmp_path, method):
     assert 'id2label={0: "dark", 1: "light"}' in snippet
     base = ViTForImageClassification.from_pretrained(checkpoint, num_labels=2, ignore_mismatched_sizes=True)
     _reload_and_compare(summary["adapters"][method]["model"], str(out / method), base)
+
+
+def test_mae_encoder_becomes_the_same_vit():
+    """The MAE encoder copied into ViTForImageClassification computes what ViTMAEModel computes unmasked."""
+    import digits_mae
+    from transformers import ViTMAEModel
+
+    settings = {
+        "image_size": 16,
+        "patch_size": 4,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "decoder_hidden_size": HIDDEN,
+        "decoder_num_hidden_layers": 1,
+        "mask_ratio": 0.75,
+        "norm_pix_loss": True,
+    }
+    torch.manual_seed(0)
+    mae = digits_mae._mae_model(settings, num_channels=1).eval()
+    vit = digits_mae._encoder_as_vit(mae, settings, 1, (0, 1, 2, 3, 4)).eval()
+    unmasked = ViTMAEModel(mae.vit.config.__class__(**{**mae.vit.config.to_dict(), "mask_ratio": 0.0})).eval()
+    unmasked.load_state_dict(mae.vit.state_dict())
+    pixels = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    noise = torch.arange(16, dtype=torch.float32).expand(3, 16)  # increasing noise keeps the patch order
+    with torch.no_grad():
+        expected = unmasked(pixel_values=pixels, noise=noise).last_hidden_state
+        got = vit.vit(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_mean_token_readout_matches_its_definition(recipe, tmp_path):
+    """Linear probing on the MAE backbone reads `norm(mean of the non-CLS tokens)`, not the CLS token."""
+    import digits_mae
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=16, patch_size=4, num_channels=1, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=4, intermediate_size=64, num_labels=CLASSES,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = ViTForImageClassification(config).eval()
+    pixels = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden = model.vit(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        expected = model.classifier(model.vit.layernorm(hidden[:, 1:].mean(dim=1)))
+        cls_logits = model(pixel_values=pixels).logits
+        handle = digits_mae.mean_token_readout(model)
+        got = model(pixel_values=pixels).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(got, cls_logits)
+    handle.remove()
+
+
+def test_mae_backbone_experiment(recipe, tmp_path):
+    """The MAE table: pretraining runs and is cached, every method trains with MAE's readout, gates are plotted."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = [
+        *[a for a in TINY if a not in ("--backbones", "supervised")],
+        "--backbones", "mae",
+        "--mae_methods", "linear,vpt_deep,gated",
+        "--mae_pretrain_epochs", "3",
+        "--num_seeds", "2",
+        "--num_prompt_tokens", str(TOKENS),
+        "--output_dir", str(out),
+        "--cache_dir", str(cache),
+    ]  # fmt: skip
+    summary = recipe.main(argv)
+    data = json.loads((out / "results.json").read_text())
+    assert list(data["by_backbone"]) == ["mae"] and data["readout"] == "mean"
+    backbone = data["backbone"]
+    assert backbone["kind"] == "mae" and not backbone["reused"]
+    # Three epochs of the MAE objective already lower the held-out reconstruction loss of the untrained model.
+    assert backbone["heldout_reconstruction_loss"] < backbone["heldout_reconstruction_loss_at_init"]
+    rows = {row["method"]: row for row in data["results"]}
+    assert list(rows) == ["linear", "vpt_deep", "gated"]
+    for method in ("vpt_deep", "gated"):
+        saved = json.loads((out / "mae" / method / "adapter_config.json").read_text())
+        assert saved["readout"] == "mean_model_norm"
+        _reload_and_compare(
+            summary["adapters"][method]["model"],
+            str(out / "mae" / method),
+            recipe.load_transfer_model(backbone["path"]),
+        )
+    gates = data["gates"]
+    assert len(gates) == 2 and [row["block"] for row in gates[0]] == list(range(LAYERS))
+    assert gates[0][-1]["gate"] is None and 0.0 < gates[0][0]["gate"] < 1.0
+    assert (out / "mae" / "gates.png").stat().st_size > 1000
+    again = recipe.main([*argv, "--mae_methods", "linear", "--output_dir", str(tmp_path / "again")])
+    assert again["backbone"]["reused"] and again["backbone"]["path"] == backbone["path"]
