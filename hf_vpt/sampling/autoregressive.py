@@ -6,12 +6,22 @@ token; the adapter keeps the image positions `0 .. L-1`. By default (`cache_prom
 from the class prefixes of `hf_vpt.sampling.prompt_prefix`: the keys and values of the prompt positions, computed by
 one forward of the prompts alone per distinct class and gathered per sample, so no forward of the loop has a prompt
 row. With `cache_prompt_prefix=False` the first forward carries every sample's prompts in front of its tokens.
+
+Prompt guidance (`guidance_scale=g`) samples every token from `l_u + g · (l_p - l_u)`, with `l_p` the prompted logits
+and `l_u` the logits of the frozen model (`model.disable_adapter()`), the classifier-free-guidance form of aMUSEd's
+pipeline applied between prompted and unprompted predictions. It is an hf_vpt addition, not part of Sohn et al.'s
+method or code (which sample from `l_p`), and the same option as `maskgit_sample(guidance_scale=...)`. The unprompted
+branch keeps its own key/value cache (it never holds prompt positions); each step costs a second forward.
 """
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import numpy as np
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ._random import sample_categorical
 from .prompt_prefix import PromptPrefixCache, prompt_prefix_applies
@@ -38,6 +48,7 @@ def autoregressive_sample(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     cache_prompt_prefix: bool | PromptPrefixCache = True,
+    guidance_scale: float | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Sample `[B, num_tokens]` token ids (SOS not included) from a prompted `ImageGPTForCausalImageModeling`.
@@ -60,7 +71,14 @@ def autoregressive_sample(
             sample's prompts through the first forward. A `PromptPrefixCache` of the model keeps the prefixes
             across calls. Same logits (to float rounding) and samples either way; ignored where it does not apply
             (no adapter, adapter disabled, training mode, `use_cache=False`).
+        guidance_scale: if set, prompt guidance: every token is drawn from `l_u + g · (l_p - l_u)` (before
+            `temperature` and `top_k`), `l_p` the prompted and `l_u` the frozen model's logits
+            (`model.disable_adapter()`). `g = 1` gives the prompted samples, `g = 0` the frozen model's, `g > 1`
+            pushes further from the unprompted model. Not in the paper's method (an hf_vpt addition, as in
+            `maskgit_sample`); it costs a second forward per step, with its own key/value cache. `model` must be a
+            `PeftModel`.
     """
+    _check_guidance(model, guidance_scale)
     config = _config_of(model)
     if sos_token_id is None:
         sos_token_id = int(config.vocab_size) - 1
@@ -100,6 +118,7 @@ def autoregressive_sample(
         if prompt_prefix_applies(model):
             prefixes = prefixes if prefixes is not None else PromptPrefixCache(model)
             cache = prefixes.for_batch(class_labels=extra.get("class_labels"), batch_size=batch_size)
+    plain_cache = None  # the unprompted branch's own cache: prompt positions must never enter it
     step_input = sequence
     while sequence.shape[1] - 1 < num_tokens:
         if use_cache:
@@ -107,10 +126,42 @@ def autoregressive_sample(
             cache = output.past_key_values
         else:
             output = model(input_ids=sequence, use_cache=False, **extra)
-        next_token = sample_categorical(output.logits[:, -1], generator, temperature=temperature, top_k=top_k)
+        logits = output.logits[:, -1]
+        if guidance_scale is not None:
+            with model.disable_adapter():
+                if use_cache:
+                    plain = model(input_ids=step_input, past_key_values=plain_cache, use_cache=True)
+                    plain_cache = plain.past_key_values
+                else:
+                    plain = model(input_ids=sequence, use_cache=False)
+            # lerp is exact at both ends: g = 1 returns the prompted logits, g = 0 the unprompted ones
+            logits = torch.lerp(plain.logits[:, -1].float(), logits.float(), float(guidance_scale))
+        next_token = sample_categorical(logits, generator, temperature=temperature, top_k=top_k)
         sequence = torch.cat([sequence, next_token[:, None]], dim=1)
         step_input = next_token[:, None]
     return sequence[:, 1:]
+
+
+def _check_guidance(model, guidance_scale) -> None:
+    if guidance_scale is None:
+        return
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
+        raise ValueError(
+            f"`guidance_scale` must be a finite number (or None for no guidance); got {guidance_scale!r}."
+        )
+    if not callable(getattr(model, "disable_adapter", None)):
+        raise ValueError(
+            f"`guidance_scale` needs a PeftModel, whose `disable_adapter()` gives the unprompted logits; got "
+            f"{type(model).__name__}. Wrap the model with `peft.get_peft_model(model, GenerativePromptConfig(...))` "
+            "(or load the adapter with `PeftModel.from_pretrained`), or leave `guidance_scale=None`."
+        )
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    if not layers or any(layer.disable_adapters for layer in layers):
+        raise ValueError(
+            "`guidance_scale` mixes prompted and unprompted logits, but the model has no enabled adapter (called "
+            "inside `model.disable_adapter()`?): both branches would be the frozen model. Sample outside that "
+            "context, or leave `guidance_scale=None`."
+        )
 
 
 def imagegpt_tokens_to_images(tokens: torch.Tensor, clusters, height: int, width: int) -> np.ndarray:
