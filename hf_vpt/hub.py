@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import MISSING, fields
 from importlib import resources
 from pathlib import Path
@@ -178,6 +179,13 @@ def _summary(peft_type: str, config) -> str:
     return summary
 
 
+def _looks_like_hub_id(name: str | None) -> bool:
+    """`owner/name` or `name` on the Hub, as opposed to a local folder (which gets no Hub link or metadata)."""
+    if not name or os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name):
+        return False
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None
+
+
 def _text_encoder_location(base_model: str | None) -> tuple[str | None, str]:
     """(pipeline, component) of a text encoder recorded as `<pipeline>/text_encoder[_2]` or as the pipeline."""
     if base_model:
@@ -227,6 +235,7 @@ def render_model_card(config, **card_data) -> str:
             else f"{method_title} is PEFT's own method; hf_vpt trained it as a baseline"
         ),
         base_model=base_model,
+        base_model_on_hub=_looks_like_hub_id(base_model),
         base_model_id=base_model_id or "<base model>",
         base_model_class=base_model_class,
         base_model_library=library.split(".")[0],

@@ -165,3 +165,22 @@ def test_imagegpt_card_samples_as_written(tmp_path):
     namespace = {"__name__": "card"}
     exec(compile(snippet, "<model card>", "exec"), namespace)
     assert namespace["images"].shape == (2, 4, 4, 3) and namespace["images"].dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "base, on_hub",
+    [
+        ("google/vit-base-patch16-224", True),
+        ("gpt2", True),
+        ("/root/.cache/hf_vpt/digits_vit_1", False),
+        ("./vit", False),
+    ],
+)
+def test_only_hub_ids_get_a_hub_link_and_base_model_metadata(base, on_hub):
+    card = render_model_card(
+        hf_vpt.VisualPromptConfig(base_model_name_or_path=base), base_model_class="ViTForImageClassification"
+    )
+    front_matter = card.split("---\n")[1]
+    assert (f"base_model: {base}\n" in front_matter) is on_hub
+    assert (f"https://huggingface.co/{base}" in card) is on_hub
+    assert "https://huggingface.co//" not in card

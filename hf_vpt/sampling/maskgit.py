@@ -103,7 +103,8 @@ def maskgit_sample(
             with model.disable_adapter():
                 plain = model(input_ids=tokens.view(batch_size, height, width), **model_kwargs)
             plain = _logits_per_token(plain, batch_size, num_tokens).float()
-            logits = plain + guidance_scale * (logits - plain)
+            # lerp is exact at both ends: g = 1 gives the prompted logits, g = 0 the unprompted ones
+            logits = torch.lerp(plain, logits, float(guidance_scale))
         sampled = sample_categorical(logits, generator, temperature=temperature)
         sampled = torch.where(unknown, sampled, tokens)
         if step == num_steps - 1:
