@@ -1,9 +1,19 @@
 """Training step: time and peak memory of each method on a ViT-B/16, against full fine-tuning and plain PyTorch.
 
-ViT-B/16 geometry at 224x224 (random weights: timing does not depend on the values), batch 8, float32, SDPA.
-Each method runs in its own process, so its peak memory (peak resident set size, reset with
-`/proc/self/clear_refs` after the model and optimiser are built) is its own. One step = forward, cross-entropy,
-backward, optimiser step; the time is the median over `--steps` steps after one warm-up step.
+ViT-B/16 geometry at 224x224 (random weights: timing does not depend on the values), batch 8, float32, SDPA, CPU.
+Each method runs in its own process. One step = forward, cross-entropy, backward, optimiser step; the time is the
+median over `--steps` steps after one warm-up step (which also allocates the optimiser state).
+
+Peak memory is measured at the tensor level, on one more (steady-state, untimed) step under `LiveTensorPeak`: the
+peak of the bytes of all live tensors (parameters, buffers, optimiser state, gradients, activations saved for
+backward, temporaries). "Peak memory over the model" subtracts the parameters, buffers and input pixels, i.e. what
+training adds to the loaded model (the optimiser state included); "with the model" does not.
+
+The resident-set growth (`VmHWM` after `/proc/self/clear_refs`, over the warm-up and timed steps, minus the resident
+size before them) is reported next to it but is not a measure of what a method needs: with glibc's default malloc it
+also counts freed heap memory that the allocator keeps (its mmap threshold grows after the first large free, so later
+tensors come from a heap that fragments and is not given back) and the library pages the first step faults in; see
+bench/results/train_step_memory.md.
 
 Methods: full fine-tuning (AdamW), linear probing, PEFT LoRA (r=8 on q_proj, v_proj), VPT-shallow and VPT-deep
 (p=10, p=50), gated prompt tuning (p=10), APT (p=10); plus "plain PyTorch VPT-deep", the same deep-prompt forward
@@ -11,7 +21,7 @@ written out with torch.nn.functional on the same weights (both the concatenation
 to measure hf_vpt's plumbing overhead.
 
     python bench/train_step.py                 # the table (about 15 minutes on 2 CPU cores)
-    python bench/train_step.py --batch 2 --layers 2 --steps 2    # a quick look
+    python bench/train_step.py --layers 2 --steps 1 --output /tmp/train_step.json    # a quick look
 
 Prints a table and writes bench/results/train_step.json.
 """
@@ -24,11 +34,15 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from _vit import build_vit_b16
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,8 +62,11 @@ METHODS = [
 ]
 
 
-def build_base(layers: int):
-    return build_vit_b16(layers)
+def build_base(layers: int, attn_implementation: str | None = None):
+    model = build_vit_b16(layers)
+    if attn_implementation is not None:  # the default is the model's own (SDPA for ViT in transformers 5)
+        model.set_attn_implementation(attn_implementation)
+    return model
 
 
 class PlainDeepVPT(torch.nn.Module):
@@ -107,13 +124,13 @@ class PlainDeepVPT(torch.nn.Module):
         return self.classifier(x)
 
 
-def make_model(method: str, layers: int):
-    """(model, forward(pixels) -> logits, optimiser)."""
+def make_model(method: str, layers: int, attn_implementation: str | None = None):
+    """(model, forward(pixels) -> logits, optimiser). The plain-PyTorch forward always calls SDPA."""
     from peft import LoraConfig, get_peft_model
 
     import hf_vpt
 
-    base = build_base(layers)
+    base = build_base(layers, attn_implementation)
     head = ["classifier"]
     if method.startswith("plain PyTorch"):
         model = PlainDeepVPT(base, 10, prefix="prefix" in method)
@@ -150,6 +167,70 @@ def make_model(method: str, layers: int):
     return model, lambda x: model(pixel_values=x).logits, optimizer
 
 
+class LiveTensorPeak(TorchDispatchMode):
+    """Peak bytes of live tensor storages while it is entered (a dispatch mode: it sees every op, backward included).
+
+    At entry it counts what is already there: the model's parameters and buffers, the optimiser state and the given
+    inputs. Every storage an op creates afterwards is added until it is freed (a weak reference on the storage), so
+    the peak covers activations saved for backward, gradients, optimiser state and temporaries, at the allocator's
+    level and without what the process keeps besides tensors (library code, freed heap pages). The peak is kept over
+    all the `with` blocks; `report()` gives it with the model's own bytes (parameters and buffers) and the inputs'
+    bytes apart, so that `peak - model - inputs` is what training adds to the loaded model.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *inputs: torch.Tensor):
+        super().__init__()
+        self.model, self.optimizer, self.inputs = model, optimizer, inputs
+        self.peak = 0
+
+    @staticmethod
+    def _storages(tensors) -> dict[int, int]:
+        found = {}
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                storage = tensor.untyped_storage()
+                found[storage.data_ptr()] = storage.nbytes()
+        return found
+
+    def __enter__(self):
+        state = [t for s in self.optimizer.state.values() for t in s.values()]
+        self.model_storages = self._storages([*self.model.parameters(), *self.model.buffers()])
+        self.input_storages = self._storages(self.inputs)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.live = {**self.input_storages, **self._storages(state + grads), **self.model_storages}
+        self.current = sum(self.live.values())
+        self.peak = max(self.peak, self.current)
+        self.refs = {}
+        return super().__enter__()
+
+    def __exit__(self, *args):
+        self.refs = {}  # drop the weak references (and their callbacks)
+        return super().__exit__(*args)
+
+    def _freed(self, key: int, _ref) -> None:
+        self.current -= self.live.pop(key, 0)
+        self.refs.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in self.live:  # views and in-place results of known storages
+                continue
+            self.live[key] = size
+            self.refs[key] = weakref.ref(storage, partial(self._freed, key))
+            self.current += size
+            self.peak = max(self.peak, self.current)
+        return out
+
+    def report(self) -> dict:
+        model, inputs = sum(self.model_storages.values()), sum(self.input_storages.values())
+        return {"peak_mib": self.peak / 2**20, "model_mib": model / 2**20, "inputs_mib": inputs / 2**20}
+
+
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field):
@@ -158,7 +239,7 @@ def _rss_kib(field: str) -> int:
 
 
 def run_one(method: str, batch: int, layers: int, steps: int) -> dict:
-    """Runs in a child process: build, reset the peak-RSS counter, time `steps` steps."""
+    """Runs in a child process: build, time `steps` steps after a warm-up, then measure one step's live tensors."""
     model, forward, optimizer = make_model(method, layers)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -179,8 +260,21 @@ def run_one(method: str, batch: int, layers: int, steps: int) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = _rss_kib("VmHWM:") - before
-    return {"method": method, "step_s": statistics.median(times), "peak_mib": peak / 1024, "trainable": trainable}
+    rss = (_rss_kib("VmHWM:") - before) / 1024
+    # A steady-state step (the optimiser state exists from the warm-up) under the live-tensor tracker; not timed.
+    tracker = LiveTensorPeak(model, optimizer, pixels)
+    with tracker:
+        step()
+    memory = tracker.report()
+    return {
+        "method": method,
+        "step_s": statistics.median(times),
+        "peak_mib": memory["peak_mib"] - memory["model_mib"] - memory["inputs_mib"],
+        "peak_with_model_mib": memory["peak_mib"],
+        "model_mib": memory["model_mib"],
+        "peak_rss_mib": rss,
+        "trainable": trainable,
+    }
 
 
 def main():
@@ -189,6 +283,7 @@ def main():
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--output", type=Path, default=RESULTS / "train_step.json", help="where the JSON goes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -216,15 +311,21 @@ def main():
 
     full = next((r for r in rows if r["method"] == "full fine-tuning"), None)
     header = f"ViT-B/16 geometry, 224x224, batch {args.batch}, {args.layers} blocks, float32, CPU"
+
+    def ratio(row, key):
+        return f"{row[key] / full[key]:.2f}x" if full else "-"
+
     print("\n" + header)
-    print("| method | trainable params | step (s) | vs full FT | peak memory (MiB) | vs full FT |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| method | trainable params | step (s) | vs full FT | peak memory over the model (MiB) | vs full FT "
+        "| peak memory with the model (MiB) | vs full FT | peak RSS growth (MiB) | vs full FT |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        time_ratio = f"{r['step_s'] / full['step_s']:.2f}x" if full else "-"
-        mem_ratio = f"{r['peak_mib'] / full['peak_mib']:.2f}x" if full else "-"
         print(
-            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {time_ratio} | {r['peak_mib']:.0f} | "
-            f"{mem_ratio} |"
+            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {ratio(r, 'step_s')} | {r['peak_mib']:.0f} | "
+            f"{ratio(r, 'peak_mib')} | {r['peak_with_model_mib']:.0f} | {ratio(r, 'peak_with_model_mib')} | "
+            f"{r['peak_rss_mib']:.0f} | {ratio(r, 'peak_rss_mib')} |"
         )
     plain = {r["method"]: r for r in rows}
     for ours, theirs in [
@@ -233,8 +334,8 @@ def main():
     ]:
         if ours in plain and theirs in plain:
             print(f"plumbing overhead: {ours} / {theirs} = {plain[ours]['step_s'] / plain[theirs]['step_s']:.2f}x")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_step.json").write_text(json.dumps({"setup": header, "rows": rows}, indent=2))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"setup": header, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

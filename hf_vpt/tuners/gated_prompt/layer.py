@@ -67,7 +67,9 @@ class GatedPromptBlock(VisualPromptBlock):
             return super().leave(run, block_input, block_output)
         gate = self._tuner._gate(run, self.tower.kind, self.block_index).view(-1, 1, 1)
         start, stop = run.at, run.at + run.count
-        new, old = block_output[:, start:stop], block_input[:, start:stop]
+        # The gate's gradient needs `new`, saved for backward: a copy of the prompt rows, not a view that would keep
+        # the whole [B, N+p, d] block output alive (the block input stays alive anyway, for LayerNorm's backward).
+        new, old = block_output[:, start:stop].clone(), block_input[:, start:stop]
         mixed = gate * new.float() + (1 - gate) * old.float()
         return replace_tokens(block_output, mixed.to(block_output.dtype), run.at)
 
