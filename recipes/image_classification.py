@@ -77,6 +77,7 @@ DIGITS_METHODS = ("linear", "vpt_shallow", "vpt_deep", "full")
 BACKBONES = ("supervised", "mae")
 MAE_METHODS = ("linear", "vpt_shallow", "vpt_deep", "gated")
 READOUT_METHODS = ("vpt_shallow", "vpt_deep", "gated")  # configs with a `readout` field
+MAE_DEFAULT_LRS = ""  # filled from the cross-validation of the MAE backbone, see --mae_lrs
 PROMPT_METHODS = ("vpt_shallow", "vpt_deep", "gated", "apt")
 # Methods whose result is a PEFT adapter (saved with its model card); linear and full save the whole model.
 ADAPTER_METHODS = (*PROMPT_METHODS, "lora")
@@ -149,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--epochs", type=int, default=None, help="Default: 20 (digits) or 10 (your data).")
     transfer.add_argument("--warmup_epochs", type=float, default=None, help="Default: 2 (digits) or 1 (your data).")
     transfer.add_argument("--batch_size", type=int, default=None, help="Per device. Default: 10 (digits) or 32.")
-    transfer.add_argument("--lr_linear", type=float, default=1.0, help="SGD learning rate of linear probing.")
-    transfer.add_argument("--lr_vpt_shallow", type=float, default=1.0, help="SGD learning rate of VPT-shallow.")
-    transfer.add_argument("--lr_vpt_deep", type=float, default=1.0, help="SGD learning rate of VPT-deep.")
+    transfer.add_argument("--lr_linear", type=float, default=0.25, help="SGD learning rate of linear probing.")
+    transfer.add_argument("--lr_vpt_shallow", type=float, default=0.25, help="SGD learning rate of VPT-shallow.")
+    transfer.add_argument("--lr_vpt_deep", type=float, default=0.25, help="SGD learning rate of VPT-deep.")
     transfer.add_argument("--lr_gated", type=float, default=1.0, help="SGD learning rate of gated prompt tuning.")
     transfer.add_argument("--lr_apt", type=float, default=1e-3, help="AdamW learning rate of APT.")
     transfer.add_argument("--lr_lora", type=float, default=1e-3, help="AdamW learning rate of LoRA.")
@@ -222,12 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(MAE_METHODS),
         help="Comma-separated methods for the MAE backbone (the gated-prompt paper's comparison).",
     )
+    digits.add_argument(
+        "--mae_lrs",
+        default=MAE_DEFAULT_LRS,
+        help="Learning rates on the MAE backbone, 'method=lr,...' (others use --lr_<method>); chosen by `--tune "
+        "--backbones mae` (3-fold cross-validation inside the training shots).",
+    )
     digits.add_argument("--mae_patch_size", type=int, default=4)
     digits.add_argument("--mae_mask_ratio", type=float, default=0.75)
     digits.add_argument("--mae_pretrain_epochs", type=int, default=200)
     digits.add_argument("--mae_pretrain_lr", type=float, default=1.5e-3)
     digits.add_argument("--tune", action="store_true", help="Pick learning rates by k-fold CV on the shots.")
     digits.add_argument("--tune_folds", type=int, default=5)
+    digits.add_argument(
+        "--tune_lrs",
+        default=None,
+        help="Comma-separated learning rates to search instead of each method's built-in grid (e.g. to extend it).",
+    )
 
     hub = parser.add_argument_group("your model and data (needs the Hub unless everything is local)")
     hub.add_argument("--model_name_or_path", default=None, help="Checkpoint to adapt; switches to this mode.")
@@ -265,6 +277,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.backbones = [b.strip() for b in str(args.backbones).split(",") if b.strip()]
     if not args.backbones or any(b not in BACKBONES for b in args.backbones):
         parser.error(f"--backbones must list some of {', '.join(BACKBONES)}; got {args.backbones}.")
+    try:
+        args.mae_lrs = parse_method_values(args.mae_lrs, "mae_lrs")
+    except ValueError as error:
+        parser.error(str(error))
     if not 0.0 < args.mae_mask_ratio < 1.0:
         parser.error(f"--mae_mask_ratio must be in (0, 1); got {args.mae_mask_ratio}.")
     if args.mode == "hub" and not (args.dataset_name or args.train_dir):
@@ -289,8 +305,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------
 # Training and evaluation, shared by both modes
 # ---------------------------------------------------------------------------------------------------------------
-def learning_rate(args, method: str) -> float:
+def learning_rate(args, method: str, backbone_kind: str = "supervised") -> float:
+    """`--lr_<method>`, or on the MAE backbone the `--mae_lrs` entry of the method where there is one."""
+    if backbone_kind == "mae" and method in args.mae_lrs:
+        return args.mae_lrs[method]
     return getattr(args, f"lr_{method}")
+
+
+def parse_method_values(text: str, option: str) -> dict[str, float]:
+    """'gated=0.05,vpt_deep=0.1' -> {'gated': 0.05, 'vpt_deep': 0.1}, with errors that name the option."""
+    if isinstance(text, dict):  # a YAML mapping {method: lr}
+        text = ",".join(f"{method}={value}" for method, value in text.items())
+    values = {}
+    for item in (part.strip() for part in str(text or "").split(",")):
+        if not item:
+            continue
+        method, sep, value = item.partition("=")
+        if not sep or method.strip() not in METHODS:
+            raise ValueError(f"--{option} takes method=value pairs with methods from {METHODS}; got {item!r}.")
+        try:
+            values[method.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--{option}: {value!r} (for {method.strip()}) is not a number.") from None
+        if not values[method.strip()] > 0:
+            raise ValueError(f"--{option}: the learning rate of {method.strip()} must be positive; got {value}.")
+    return values
 
 
 def weight_decay(args, method: str) -> float:
@@ -841,7 +880,7 @@ def transfer_experiment(args, accelerator, backbone: dict, methods, pixels, labe
         train_set = TensorDataset(pixels[train_idx], transfer_labels[train_idx])
         test_set = TensorDataset(pixels[test_idx], transfer_labels[test_idx])
         for method in methods:
-            lr = learning_rate(args, method)
+            lr = learning_rate(args, method, kind)
             tag = f"{kind}/{method}/seed{seed}"
             result = train_one(
                 args,
@@ -888,7 +927,7 @@ def transfer_experiment(args, accelerator, backbone: dict, methods, pixels, labe
                 "method": method,
                 "title": METHOD_TITLES[method],
                 "optimizer": optimizer_title(args, method),
-                "learning_rate": learning_rate(args, method),
+                "learning_rate": learning_rate(args, method, kind),
                 "accuracy_mean": float(np.mean(accuracies)),
                 "accuracy_std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
                 "accuracies": accuracies,
@@ -937,7 +976,8 @@ def tune_digits(args, accelerator, backbone, methods, pixels, labels, seeds) -> 
     readout = "mean" if backbone["kind"] == "mae" else "cls"
     scores = {}
     for method in methods:
-        for lr in TUNE_GRIDS.get(method, SGD_LR_GRID):
+        grid = [float(v) for v in args.tune_lrs.split(",")] if args.tune_lrs else TUNE_GRIDS.get(method, SGD_LR_GRID)
+        for lr in grid:
             accuracies = []
             for seed in seeds:
                 train_idx, _ = few_shot_split(labels, args.shots, seed)

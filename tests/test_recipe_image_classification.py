@@ -303,3 +303,16 @@ def test_mae_backbone_experiment(recipe, tmp_path):
     assert (out / "mae" / "gates.png").stat().st_size > 1000
     again = recipe.main([*argv, "--mae_methods", "linear", "--output_dir", str(tmp_path / "again")])
     assert again["backbone"]["reused"] and again["backbone"]["path"] == backbone["path"]
+
+
+def test_mae_learning_rates_are_parsed_and_checked(recipe):
+    args = recipe.parse_args(["--mae_lrs", "gated=0.05, vpt_deep=0.1"])
+    assert args.mae_lrs == {"gated": 0.05, "vpt_deep": 0.1}
+    assert recipe.learning_rate(args, "gated", "mae") == 0.05
+    assert recipe.learning_rate(args, "gated", "supervised") == args.lr_gated
+    assert recipe.learning_rate(args, "linear", "mae") == args.lr_linear
+    for bad, named in (("gated", "method=value"), ("nope=1", "method=value"), ("gated=x", "not a number")):
+        with pytest.raises(SystemExit):
+            recipe.parse_args(["--mae_lrs", bad])
+        with pytest.raises(ValueError, match=named):
+            recipe.parse_method_values(bad, "mae_lrs")
