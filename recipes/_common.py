@@ -266,13 +266,41 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return checkpoint_dir(output_dir, max(steps)) if steps else None
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, batches_per_epoch: int) -> str:
-    """`accelerator.save_state` (model, optimiser, scheduler, RNG states) plus the step, in `checkpoint-<step>`."""
+def resolve_checkpoint(output_dir: str, value: str) -> str:
+    """The folder that `--resume_from_checkpoint value` names: 'latest' is the newest `checkpoint-<step>` in
+    `output_dir`, anything else a checkpoint folder. Raises `FileNotFoundError`, saying what was looked for, when
+    there is no such checkpoint (`resume` instead starts from scratch when 'latest' finds none)."""
+    if value == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: there is no checkpoint in {output_dir} (no "
+                f"{CHECKPOINT_PREFIX}<step> folder with a {TRAINING_STATE_FILE}); pass the --output_dir of the run "
+                "to resume, or drop --resume_from_checkpoint to start from scratch."
+            )
+        return path
+    if not os.path.isdir(value):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {value}: no such folder; pass a {CHECKPOINT_PREFIX}<step> folder that "
+            "--checkpointing_steps wrote, or 'latest'."
+        )
+    if not os.path.isfile(os.path.join(value, TRAINING_STATE_FILE)):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {value}: not a checkpoint (it has no {TRAINING_STATE_FILE}); pass a "
+            f"{CHECKPOINT_PREFIX}<step> folder that --checkpointing_steps wrote, or 'latest'."
+        )
+    return value
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, batches_per_epoch: int, extra: dict | None = None) -> str:
+    """`accelerator.save_state` (model, optimiser, scheduler, RNG states) plus the step, in `checkpoint-<step>`.
+
+    `extra` (JSON-serialisable) is written to the checkpoint's training_state.json next to the step."""
     folder = checkpoint_dir(output_dir, step)
     accelerator.save_state(folder)
     if accelerator.is_main_process:
         with open(os.path.join(folder, TRAINING_STATE_FILE), "w", encoding="utf-8") as handle:
-            json.dump({"step": step, "batches_per_epoch": batches_per_epoch}, handle)
+            json.dump({"step": step, "batches_per_epoch": batches_per_epoch, **(extra or {})}, handle)
     accelerator.wait_for_everyone()
     return folder
 

@@ -36,6 +36,11 @@ with images from the start). tests/test_multiprocess.py checks this with `--save
 
 Every option can also come from a YAML file, `--config my.yaml`, whose keys (the option names below, without the
 dashes) override the defaults; options given on the command line override the file.
+
+On your data, `--checkpointing_steps N` (or `epoch`) saves `accelerator.save_state` checkpoints to
+`<output_dir>/checkpoint-<step>`, and `--resume_from_checkpoint latest` (or a checkpoint folder) continues an
+interrupted run where it stopped (model and adapter, optimiser, LR schedule, RNG states, position in the epoch), to
+the same trained tensors as an uninterrupted run. The digits experiment (many short runs) does not checkpoint.
 """
 
 from __future__ import annotations
@@ -255,6 +260,25 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--val_split_fraction", type=float, default=0.15)
     hub.add_argument("--max_train_samples", type=int, default=None)
     hub.add_argument("--max_eval_samples", type=int, default=None)
+    hub.add_argument(
+        "--checkpointing_steps",
+        default=None,
+        help="accelerator.save_state every N optimiser steps (an integer), or 'epoch' (after each epoch), into "
+        "<output_dir>/checkpoint-<step>.",
+    )
+    hub.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="A checkpoint-<step> folder, or 'latest' for the newest one in --output_dir: restores the model, "
+        "optimiser, LR schedule, RNG states and the position in the epoch, and trains on to the end.",
+    )
+    hub.add_argument(
+        "--stop_after_steps",
+        type=int,
+        default=None,
+        help="Stop (as if interrupted) after this many optimiser steps, without evaluating or saving the result; "
+        "the schedule still follows --epochs.",
+    )
     _common.add_hub_args(hub)
     return parser
 
@@ -292,6 +316,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--push_to_hub uploads the adapter trained on your data; use it with --model_name_or_path (the digits "
             "experiment's adapters are demos of a locally pretrained toy ViT)."
         )
+    checkpoint_options = ("checkpointing_steps", "resume_from_checkpoint", "stop_after_steps")
+    if args.mode == "digits":
+        given = [f"--{name}" for name in checkpoint_options if getattr(args, name) is not None]
+        if given:
+            parser.error(
+                f"{' / '.join(given)} applies to --model_name_or_path runs (your model and data); the embedded "
+                "digits experiment (many short runs of a few seconds) does not checkpoint."
+            )
+    else:
+        try:
+            args.checkpointing_steps = parse_checkpointing_steps(args.checkpointing_steps)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.stop_after_steps is not None and args.stop_after_steps < 1:
+            parser.error(f"--stop_after_steps must be a positive integer; got {args.stop_after_steps}.")
+        if args.resume_from_checkpoint:
+            try:
+                args.resume_from_checkpoint = _common.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+            except FileNotFoundError as error:
+                parser.error(str(error))
     if args.shots < 1 or args.num_seeds < 1:
         parser.error("--shots and --num_seeds must be positive.")
     for name in ("num_prompt_tokens", "apt_rank", "lora_rank"):
@@ -300,6 +344,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cache_dir = os.path.expanduser(args.cache_dir)
     args.trackers = _common.available_trackers(args.report_to)
     return args
+
+
+def parse_checkpointing_steps(value) -> int | str | None:
+    """`--checkpointing_steps`: None, a positive number of optimiser steps, or 'epoch'."""
+    if value is None or value == "epoch":
+        return value
+    try:
+        steps = int(value)
+    except (TypeError, ValueError):
+        steps = 0
+    if steps < 1 or str(value).strip() not in (str(steps), f"+{steps}"):
+        raise ValueError(f"--checkpointing_steps takes a positive number of steps or 'epoch'; got {value!r}.")
+    return steps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,6 +413,92 @@ def count_trainable(model: torch.nn.Module) -> int:
     return sum(param.numel() for param in model.parameters() if param.requires_grad)
 
 
+class Checkpointing:
+    """Checkpoints and resume for one `fit` call (the `--model_name_or_path` mode; the digits runs pass none).
+
+    Checkpoints go to `<output_dir>/checkpoint-<step>` (`_common.save_checkpoint`) every `every` optimiser steps
+    (an int) or after each epoch ('epoch'). `resume_from` is a checkpoint folder (`_common.resolve_checkpoint`);
+    `stop_after_steps` stops early as if interrupted. `fit` fills in `step` (optimiser steps done, those before the
+    resume included) and `finished` (whether the schedule ran to its end). A plain class, not a dataclass: the tests
+    load this file as a module that is not in `sys.modules`.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        every: int | str | None = None,
+        resume_from: str | None = None,
+        stop_after_steps: int | None = None,
+    ):
+        self.output_dir = output_dir
+        self.every = every
+        self.resume_from = resume_from
+        self.stop_after_steps = stop_after_steps
+        self.step = 0
+        self.finished = False
+
+
+class DataOrder:
+    """The state of the shuffling generator at the start of the current epoch, saved with each checkpoint
+    (`accelerator.register_for_checkpointing`): restoring it before the resumed epoch draws that epoch's order again,
+    and `skip_first_batches` then skips the batches already trained on."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+        self.epoch_start = generator.get_state()
+
+    def mark_epoch_start(self) -> None:
+        self.epoch_start = self.generator.get_state()
+
+    def state_dict(self) -> dict:
+        return {"epoch_start": self.epoch_start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch_start = state["epoch_start"]
+
+
+def start_checkpointing(accelerator, checkpointing, scheduler, generator, batches_per_epoch, total_steps):
+    """Register the schedule and the data order for `save_state`; load `resume_from` if given.
+
+    Returns the `DataOrder` and where training goes on: `(epoch, batches of it already done, optimiser step)`.
+    """
+    if generator is None:
+        raise ValueError("Checkpoints need a training DataLoader with a seeded `generator` (to redraw its order).")
+    order = DataOrder(generator)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_for_checkpointing(order)
+    path = checkpointing.resume_from
+    if not path:
+        return order, 0, 0, 0
+    with open(os.path.join(path, _common.TRAINING_STATE_FILE), encoding="utf-8") as handle:
+        saved = json.load(handle)
+    if "epoch" not in saved:
+        raise ValueError(f"{path} was not written by recipes/image_classification.py (no epoch position in it).")
+    for key, value, what in (
+        ("batches_per_epoch", batches_per_epoch, "batches per epoch (data, --batch_size, number of processes)"),
+        ("total_steps", total_steps, "optimiser steps in all (--epochs, --batch_size, --gradient_accumulation_steps)"),
+    ):
+        if saved[key] != value:
+            raise ValueError(
+                f"{path} was written by a run with {saved[key]} {what}, this run has {value}: resume with the "
+                "settings of the interrupted run."
+            )
+    accelerator.load_state(path)
+    generator.set_state(order.epoch_start)
+    accelerator.print(f"Resumed from {path} at step {saved['step']} (epoch {saved['epoch']}).")
+    return order, int(saved["epoch"]), int(saved["batches_done_in_epoch"]), int(saved["step"])
+
+
+def save_fit_checkpoint(accelerator, checkpointing, order, step, epoch, batches_done, batches_per_epoch, total_steps):
+    """`_common.save_checkpoint` plus the position in the data; a checkpoint at the end of an epoch points at the
+    start of the next one (whose order the generator's current state draws)."""
+    if batches_done >= batches_per_epoch:
+        order.mark_epoch_start()
+        epoch, batches_done = epoch + 1, 0
+    extra = {"epoch": epoch, "batches_done_in_epoch": batches_done, "total_steps": total_steps}
+    return _common.save_checkpoint(accelerator, checkpointing.output_dir, step, batches_per_epoch, extra=extra)
+
+
 def fit(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -368,30 +511,44 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     log_prefix: str | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> tuple[torch.nn.Module, float, float]:
     """Train with linear warm-up then cosine decay, stepped per optimizer step.
 
     With `log_prefix`, the loss (mean over processes) and learning rate of every optimizer step go to the trackers
-    as `<log_prefix>/train_loss` and `<log_prefix>/lr`. Returns the prepared model, the wall-clock seconds and the
-    CPU seconds of this process.
+    as `<log_prefix>/train_loss` and `<log_prefix>/lr`. With `checkpointing` (see `Checkpointing`; `loader` must
+    then shuffle with a seeded `generator`), the run saves checkpoints, resumes from one and may stop early; the
+    numerics are those of the uninterrupted run. Returns the prepared model, the wall-clock seconds and the CPU
+    seconds of this process (of this call only, when resumed).
     """
+    generator = getattr(loader, "generator", None)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = max(1, math.ceil(len(loader) / accelerator.gradient_accumulation_steps))
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, int(round(warmup_epochs * steps_per_epoch)), epochs * steps_per_epoch
-    )
+    batches_per_epoch = len(loader)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / accelerator.gradient_accumulation_steps))
+    total_steps = epochs * steps_per_epoch
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(warmup_epochs * steps_per_epoch)), total_steps)
+    order, start_epoch, skip, step = None, 0, 0, 0
+    if checkpointing is not None:
+        order, start_epoch, skip, step = start_checkpointing(
+            accelerator, checkpointing, scheduler, generator, batches_per_epoch, total_steps
+        )
+    every = checkpointing.every if checkpointing is not None else None
+    stop_at = checkpointing.stop_after_steps if checkpointing is not None else None
     model.train()
     start, start_cpu = time.perf_counter(), time.process_time()
     bar = tqdm(
-        range(epochs),
+        range(start_epoch, epochs),
         desc=desc,
         leave=False,
         dynamic_ncols=True,
         disable=not (progress and accelerator.is_main_process),
     )
-    step = 0
-    for _ in bar:
-        for batch in loader:
+    stopped, saved_at = False, None
+    for epoch in bar:
+        if order is not None:
+            order.mark_epoch_start()
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for index, batch in enumerate(batches, start=skip):
             with accelerator.accumulate(model):
                 pixel_values = batch["pixel_values"]
                 if augment is not None:
@@ -405,13 +562,34 @@ def fit(
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad()
-            if log_prefix is not None and accelerator.sync_gradients:
-                step += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            if log_prefix is not None:
                 mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
                 accelerator.log(
                     {f"{log_prefix}/train_loss": mean_loss, f"{log_prefix}/lr": scheduler.get_last_lr()[0]}, step=step
                 )
+            if isinstance(every, int) and step % every == 0:
+                save_fit_checkpoint(
+                    accelerator, checkpointing, order, step, epoch, index + 1, batches_per_epoch, total_steps
+                )
+                saved_at = step
+            if stop_at is not None and step >= stop_at and step < total_steps:
+                stopped = True
+                break
+        skip = 0
+        if stopped:
+            break
+        if every == "epoch" and saved_at != step:
+            save_fit_checkpoint(
+                accelerator, checkpointing, order, step, epoch, batches_per_epoch, batches_per_epoch, total_steps
+            )
+            saved_at = step
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    if checkpointing is not None:
+        checkpointing.step, checkpointing.finished = step, not stopped
     return model, time.perf_counter() - start, time.process_time() - start_cpu
 
 
@@ -1074,6 +1252,12 @@ def image_collate(examples, processor, image_column, label_column, to_id, flip: 
     return {"pixel_values": pixel_values, "labels": labels}
 
 
+def random_hflip(pixel_values: torch.Tensor) -> torch.Tensor:
+    """`--augment` on your data: mirror each image left-right with probability 1/2."""
+    flip = torch.rand(pixel_values.shape[0], device=pixel_values.device) < 0.5
+    return torch.where(flip[:, None, None, None], pixel_values.flip(-1), pixel_values)
+
+
 def run_hub(args, accelerator: Accelerator) -> dict:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -1103,17 +1287,25 @@ def run_hub(args, accelerator: Accelerator) -> dict:
         to_id=to_id,
     )
     generator = torch.Generator().manual_seed(args.seed)
+    # The flips are drawn in the training step (`random_hflip`, torch's RNG), not in the collate function: the
+    # loader fetches a batch ahead, so RNG draws made there would straddle a checkpoint.
     train_loader = DataLoader(
         train,
         batch_size=args.batch_size,
         shuffle=True,
         generator=generator,
-        collate_fn=partial(collate, flip=args.augment),
+        collate_fn=partial(collate, flip=False),
     )
     eval_loader = DataLoader(evaluation, batch_size=args.eval_batch_size, collate_fn=partial(collate, flip=False))
     lr = learning_rate(args, args.method)
     optimizer = make_optimizer(model, args.method, lr, args)
     _common.init_trackers(accelerator, args, "image_classification")
+    checkpointing = Checkpointing(
+        output_dir=args.output_dir,
+        every=args.checkpointing_steps,
+        resume_from=args.resume_from_checkpoint,
+        stop_after_steps=args.stop_after_steps,
+    )
     model, seconds, _ = fit(
         accelerator,
         model,
@@ -1121,10 +1313,19 @@ def run_hub(args, accelerator: Accelerator) -> dict:
         train_loader,
         epochs=args.epochs,
         warmup_epochs=args.warmup_epochs,
+        augment=random_hflip if args.augment else None,
         desc=args.method,
         progress=args.progress,
         log_prefix="train" if args.trackers else None,
+        checkpointing=checkpointing,
     )
+    if not checkpointing.finished:
+        accelerator.print(
+            f"Stopped after {checkpointing.step} steps (--stop_after_steps); resume with --resume_from_checkpoint."
+        )
+        if args.trackers:
+            accelerator.end_training()
+        return {"experiment": "user data", "steps": checkpointing.step, "finished": False}
     accuracy = evaluate(accelerator, model, eval_loader)
     accelerator.log({"eval/accuracy": accuracy})
     if args.save_rank_tensors:
@@ -1166,6 +1367,8 @@ def run_hub(args, accelerator: Accelerator) -> dict:
         "labels": names,
         "results": [row],
         "table": table,
+        "steps": checkpointing.step,
+        "finished": True,
         "wall_time_s": time.perf_counter() - wall,
     }
     if accelerator.is_main_process:

@@ -316,3 +316,118 @@ def test_mae_learning_rates_are_parsed_and_checked(recipe):
             recipe.parse_args(["--mae_lrs", bad])
         with pytest.raises(ValueError, match=named):
             recipe.parse_method_values(bad, "mae_lrs")
+
+
+def _tiny_checkpoint_and_imagefolder(root: Path) -> tuple[Path, Path]:
+    """A tiny local ViT checkpoint (with its image processor) and a two-class imagefolder of 6 images per class."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    checkpoint = root / "tiny-vit"
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(
+        ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, num_labels=7)
+    )  # fmt: skip
+    vit.save_pretrained(checkpoint)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
+    rng = np.random.default_rng(0)
+    for name, level in (("dark", 40), ("light", 200)):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(6):
+            pixels = np.clip(rng.normal(level, 20, size=(20, 20, 3)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return checkpoint, root / "train"
+
+
+@pytest.mark.parametrize(
+    ("every", "saved", "position", "last"),
+    [
+        ("2", ["checkpoint-2", "checkpoint-4"], (4, 1, 1), "checkpoint-8"),
+        ("epoch", ["checkpoint-3"], (3, 1, 0), "checkpoint-9"),
+    ],
+)
+def test_hub_mode_resume_is_bit_exact(recipe, tmp_path, every, saved, position, last):
+    """Stopped after 4 of 9 steps and resumed from the latest checkpoint (mid-epoch at step 4, or at the end of the
+    first epoch), a VPT-deep run ends with the same prompts and head as an uninterrupted run, bit for bit, with
+    prompt dropout and flips drawing random numbers on the way (so the restored RNG states and data order matter)."""
+    from safetensors.torch import load_file
+
+    checkpoint, train_dir = _tiny_checkpoint_and_imagefolder(tmp_path)
+    # 12 images, 10 train / 2 eval (the split is seeded), batch 4: 3 batches = 3 steps per epoch, 3 epochs.
+    base = [
+        "--model_name_or_path", str(checkpoint),
+        "--train_dir", str(train_dir),
+        "--method", "vpt_deep",
+        "--num_prompt_tokens", "2",
+        "--prompt_dropout", "0.1",
+        "--augment",
+        "--epochs", "3",
+        "--batch_size", "4",
+        "--save_rank_tensors",
+        "--no-progress",
+    ]  # fmt: skip
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    done = recipe.main([*base, "--output_dir", str(straight)])
+    assert done["steps"] == 9 and done["finished"]
+    assert not any(name.startswith("checkpoint-") for name in os.listdir(straight))
+
+    resumable = [*base, "--output_dir", str(interrupted), "--checkpointing_steps", every]
+    stopped = recipe.main([*resumable, "--stop_after_steps", "4"])
+    assert stopped == {"experiment": "user data", "steps": 4, "finished": False}
+    assert sorted(os.listdir(interrupted)) == [*saved, "rank0"]
+    state = json.loads((interrupted / saved[-1] / "training_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batches_done_in_epoch"]) == position and state["total_steps"] == 9
+
+    resumed = recipe.main([*resumable, "--resume_from_checkpoint", "latest"])
+    assert resumed["steps"] == 9 and resumed["finished"]
+    assert (interrupted / last).is_dir() and (interrupted / "vpt_deep" / "adapter_config.json").is_file()
+
+    initial = load_file(straight / "rank0" / "vpt_deep-init.safetensors")
+    expected = load_file(straight / "rank0" / "vpt_deep.safetensors")
+    actual = load_file(interrupted / "rank0" / "vpt_deep.safetensors")
+    assert sorted(expected) == sorted(actual) == sorted(initial)
+    prompts = [key for key in expected if "prompt" in key.lower() or "_bank" in key]
+    heads = [key for key in expected if "classifier" in key]
+    assert prompts and heads and len(prompts) + len(heads) == len(expected)
+    for key, value in expected.items():
+        assert value.dtype == torch.float32 and torch.equal(value, actual[key]), key
+        assert not torch.equal(value, initial[key]), key  # training moved every trained tensor
+    assert resumed["results"][0]["accuracy_mean"] == done["results"][0]["accuracy_mean"]
+
+
+def test_resume_options_name_the_fix(recipe, tmp_path, capsys):
+    hub = ["--model_name_or_path", str(tmp_path / "model"), "--train_dir", str(tmp_path / "images")]
+    out = ["--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--resume_from_checkpoint", "latest"])
+    assert "--resume_from_checkpoint applies to --model_name_or_path runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--checkpointing_steps", "5"])
+    assert "--checkpointing_steps applies to --model_name_or_path runs" in capsys.readouterr().err
+
+    missing = tmp_path / "out" / "checkpoint-7"
+    with pytest.raises(SystemExit):
+        recipe.parse_args([*hub, *out, "--resume_from_checkpoint", str(missing)])
+    assert f"--resume_from_checkpoint {missing}: no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe.parse_args([*hub, *out, "--resume_from_checkpoint", "latest"])
+    assert f"there is no checkpoint in {tmp_path / 'out'}" in capsys.readouterr().err
+    missing.mkdir(parents=True)  # a folder, but no training_state.json in it
+    with pytest.raises(SystemExit):
+        recipe.parse_args([*hub, *out, "--resume_from_checkpoint", str(missing)])
+    assert "not a checkpoint (it has no training_state.json)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe.parse_args([*hub, *out, "--resume_from_checkpoint", "latest"])
+    assert "there is no checkpoint in" in capsys.readouterr().err
+
+    (missing / "training_state.json").write_text("{}")
+    assert recipe.parse_args([*hub, *out, "--resume_from_checkpoint", "latest"]).resume_from_checkpoint == str(missing)
+    for bad in ("0", "often", "2.5"):
+        with pytest.raises(SystemExit):
+            recipe.parse_args([*hub, "--checkpointing_steps", bad])
+        assert "--checkpointing_steps takes a positive number of steps or 'epoch'" in capsys.readouterr().err
+    assert recipe.parse_args([*hub, "--checkpointing_steps", "epoch"]).checkpointing_steps == "epoch"
+    assert recipe.parse_args([*hub, "--checkpointing_steps", "3"]).checkpointing_steps == 3
