@@ -49,6 +49,7 @@ TINY = [
     "--shots", "4",
     "--epochs", "3",
     "--warmup_epochs", "1",
+    "--lr_vpt_deep", "1.0",  # explicit: 3 epochs of a few steps must move the prompts well past the tolerance
     "--prompt_dropout", "0",  # no randomness inside training: the ViT's own dropout rates default to 0 too
     "--no-augment",
     "--no-progress",
