@@ -82,7 +82,7 @@ DIGITS_METHODS = ("linear", "vpt_shallow", "vpt_deep", "full")
 BACKBONES = ("supervised", "mae")
 MAE_METHODS = ("linear", "vpt_shallow", "vpt_deep", "gated")
 READOUT_METHODS = ("vpt_shallow", "vpt_deep", "gated")  # configs with a `readout` field
-MAE_DEFAULT_LRS = ""  # filled from the cross-validation of the MAE backbone, see --mae_lrs
+MAE_DEFAULT_LRS = "linear=0.25,vpt_shallow=0.1,vpt_deep=0.1,gated=0.05"  # 3-fold CV on the MAE backbone (vpt_shallow: untuned, vpt_deep's value)
 PROMPT_METHODS = ("vpt_shallow", "vpt_deep", "gated", "apt")
 # Methods whose result is a PEFT adapter (saved with its model card); linear and full save the whole model.
 ADAPTER_METHODS = (*PROMPT_METHODS, "lora")
