@@ -47,9 +47,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--only", default=None, help="Run the adapters whose name contains this text (e.g. APT); no JSON is written."
+    )
     args = parser.parse_args()
     rows = []
     for name, config in configs().items():
+        if args.only is not None and args.only not in name:
+            continue
         with tempfile.TemporaryDirectory() as folder:
             get_peft_model(build_base(args.layers), config).save_pretrained(folder)
             path = Path(folder) / "adapter_model.safetensors"
@@ -85,6 +90,8 @@ def main():
             f"{r['file_bytes'] / r['tensor_bytes'] - 1:+.2%} | {r['from_pretrained_ms']:.1f} | "
             f"{r['load_adapter_ms']:.1f} |"
         )
+    if args.only is not None:
+        return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "adapter_io.json").write_text(json.dumps(rows, indent=2))
 
