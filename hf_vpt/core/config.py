@@ -5,7 +5,6 @@ from __future__ import annotations
 import numbers
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -146,11 +145,6 @@ class PromptConfigBase(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         config.check_adapter_file(_locate_weights(pretrained_model_name_or_path, subfolder, kwargs))
-        # Called by PEFT's own loaders, the adapter created from this config gets the file's weights right after
-        # injection: its first injection may leave the parameters uninitialised (random init is wasted work there).
-        # A config that the caller loads for other uses (e.g. `get_peft_model` on new weights) keeps the random init.
-        if sys._getframe(1).f_code in _peft_loader_codes():
-            config._weights_follow_injection = True
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
@@ -166,13 +160,6 @@ class PromptConfigBase(PeftConfig):
         from ..hub import write_model_card
 
         write_model_card(save_directory, self)
-
-
-def _peft_loader_codes() -> tuple:
-    """The code objects of the PEFT functions that load a config and then always load its adapter's weights."""
-    from peft import PeftModel
-
-    return (PeftModel.from_pretrained.__func__.__code__, PeftModel.load_adapter.__code__)
 
 
 def _locate_weights(name_or_path: str, subfolder: str | None, kwargs: dict) -> str:

@@ -111,10 +111,6 @@ class PromptTunerModel(BaseTuner):
         self._block_positions = {
             name: (ti, bi) for ti, tower in enumerate(towers) for bi, name in enumerate(tower.block_names)
         }
-        # Set by `PromptConfigBase.from_pretrained` when PEFT loads the adapter file right after this injection
-        # (shapes and dtypes already checked): the bank then skips its random init. One-shot, so a reused config
-        # initialises as usual.
-        self._weights_follow_injection = config.__dict__.pop("_weights_follow_injection", False)
         try:
             config.tower_shapes = {t.kind: [t.num_layers, t.hidden_size] for t in towers}
             device = next(towers[0].blocks.parameters()).device
@@ -132,8 +128,6 @@ class PromptTunerModel(BaseTuner):
                 del self.banks[adapter_name]
             self._towers, self._block_positions = previous_towers, previous_positions
             raise
-        finally:
-            self._weights_follow_injection = False
         if first_injection:
             self._install_hooks()
         self._sync_bank_trainability(inference_mode=config.inference_mode)

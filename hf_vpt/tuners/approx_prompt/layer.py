@@ -44,12 +44,9 @@ def attention_dropout_rate(config) -> float:
 
 class ApproxPromptBank(nn.Module):
     """One adapter's APT parameters, path-free: per tower kind `prompts [R, p, d]`, `key_down [R, r, d]`,
-    `key_up [R, d, r]` and `scale [R]`, one row per adapted attention sub-layer (blocks in increasing order).
+    `key_up [R, d, r]` and `scale [R]`, one row per adapted attention sub-layer (blocks in increasing order)."""
 
-    `initialize=False` leaves the tensors uninitialised (`torch.empty`): only for a bank whose weights are loaded
-    from an already checked adapter file right after it is created, where the random draw would be thrown away."""
-
-    def __init__(self, config: ApproxPromptConfig, towers: list[Tower], initialize: bool = True):
+    def __init__(self, config: ApproxPromptConfig, towers: list[Tower]):
         super().__init__()
         self.prompts = nn.ParameterDict()
         self.key_down = nn.ParameterDict()
@@ -63,17 +60,10 @@ class ApproxPromptBank(nn.Module):
             count, d = len(blocks), tower.hidden_size
             self.rows[tower.kind] = {block: row for row, block in enumerate(blocks)}
             self.dropout[tower.kind] = attention_dropout_rate(tower.config)
-            prompts, key_down = torch.empty(count, p, d), torch.empty(count, r, d)
-            key_up, scale = torch.empty(count, d, r), torch.empty(count)
-            if initialize:
-                nn.init.normal_(prompts, std=0.02)
-                nn.init.normal_(key_down, std=1.0)
-                key_up.zero_()
-                scale.zero_()
-            self.prompts[tower.kind] = nn.Parameter(prompts)
-            self.key_down[tower.kind] = nn.Parameter(key_down)
-            self.key_up[tower.kind] = nn.Parameter(key_up)
-            self.scale[tower.kind] = nn.Parameter(scale)
+            self.prompts[tower.kind] = nn.Parameter(nn.init.normal_(torch.empty(count, p, d), std=0.02))
+            self.key_down[tower.kind] = nn.Parameter(nn.init.normal_(torch.empty(count, r, d), std=1.0))
+            self.key_up[tower.kind] = nn.Parameter(torch.zeros(count, d, r))
+            self.scale[tower.kind] = nn.Parameter(torch.zeros(count))
 
     def row(self, kind: str, block_index: int) -> int | None:
         return self.rows.get(kind, {}).get(block_index)

@@ -62,7 +62,7 @@ class ApproxPromptModel(PromptTunerModel):
             for name, position in self._attention_positions(towers).items()
             if position[1] in config.adapted_layers(towers[position[0]].num_layers)
         }
-        return ApproxPromptBank(config, towers, initialize=not getattr(self, "_weights_follow_injection", False))
+        return ApproxPromptBank(config, towers)
 
     @staticmethod
     def _attention_positions(towers: list[Tower]) -> dict[str, tuple[int, int]]:
