@@ -46,6 +46,7 @@ the same trained tensors as an uninterrupted run. The digits experiment (many sh
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -595,16 +596,29 @@ def fit(
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader) -> float:
-    """Top-1 accuracy, computed here (no metric download), gathered over processes."""
+    """Top-1 accuracy over processes, with the `evaluate`-format accuracy module of `hf_vpt.metrics` (offline)."""
     loader = accelerator.prepare(loader)
     model.eval()
-    correct, total = 0, 0
+    metric = accuracy_metric()
     for batch in loader:
         predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(dim=-1)
         predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
-        correct += int((predictions == labels).sum())
-        total += labels.numel()
-    return correct / max(total, 1)
+        metric.add_batch(predictions=predictions.tolist(), references=labels.tolist())
+    return float(metric.compute()["accuracy"])
+
+
+@functools.cache
+def _accuracy_module_path() -> str:
+    from hf_vpt.metrics import ACCURACY_METRIC_PATH
+
+    return str(ACCURACY_METRIC_PATH)
+
+
+def accuracy_metric():
+    """A fresh `evaluate` accuracy module (loaded from the local file: `evaluate.load("accuracy")` needs the Hub)."""
+    import evaluate
+
+    return evaluate.load(_accuracy_module_path())
 
 
 def attention_projections(model: torch.nn.Module) -> list[str]:
