@@ -8,10 +8,12 @@ AdamW. Each method has its learning-rate option (`--lr_vpt_deep`, `--lr_lora`, .
 
 Two modes, one script:
 
-* **Default (no arguments, no network):** an embedded transfer experiment that runs in a few minutes on a CPU.
-  A small ViT is pretrained on scikit-learn's 8x8 digits of classes 0-4 (cached, keyed by its hyper-parameters),
-  then frozen and transferred to classes 5-9 from `--shots` labelled images per class with four methods (linear,
-  vpt_shallow, vpt_deep, full; add the others with `--methods`). The remaining 5-9 digits are the test set.
+* **Default (no arguments, no network):** an embedded transfer experiment for a CPU (about 20-25 minutes on 2
+  shared cores the first time, pretraining included). Two small ViTs are pretrained on scikit-learn's 8x8 digits
+  of classes 0-4 (cached, keyed by their hyper-parameters): one supervised, one with the MAE objective
+  (`--backbones`, see digits_mae.py). Each is frozen and transferred to classes 5-9 from `--shots` labelled images
+  per class: linear, vpt_shallow, vpt_deep and full on the supervised one (`--methods`), linear, vpt_shallow,
+  vpt_deep and gated on the MAE one (`--mae_methods`). The remaining 5-9 digits are the test set.
   Several seeds; a table (accuracy mean ± std, trainable parameters, train time) is printed and written to
   `<output_dir>/results.json`; the adapters are saved with `save_pretrained`.
 
