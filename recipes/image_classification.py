@@ -515,14 +515,16 @@ def fit(
     progress: bool = True,
     log_prefix: str | None = None,
     checkpointing: Checkpointing | None = None,
+    on_epoch_end=None,
 ) -> tuple[torch.nn.Module, float, float]:
     """Train with linear warm-up then cosine decay, stepped per optimizer step.
 
     With `log_prefix`, the loss (mean over processes) and learning rate of every optimizer step go to the trackers
     as `<log_prefix>/train_loss` and `<log_prefix>/lr`. With `checkpointing` (see `Checkpointing`; `loader` must
     then shuffle with a seeded `generator`), the run saves checkpoints, resumes from one and may stop early; the
-    numerics are those of the uninterrupted run. Returns the prepared model, the wall-clock seconds and the CPU
-    seconds of this process (of this call only, when resumed).
+    numerics are those of the uninterrupted run. `on_epoch_end(model, epoch, step)` runs after every finished epoch
+    (evaluation), under a forked torch RNG so that it never changes the training's random draws. Returns the
+    prepared model, the wall-clock seconds and the CPU seconds of this process (of this call only, when resumed).
     """
     generator = getattr(loader, "generator", None)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -589,6 +591,10 @@ def fit(
                 accelerator, checkpointing, order, step, epoch, batches_per_epoch, batches_per_epoch, total_steps
             )
             saved_at = step
+        if on_epoch_end is not None:
+            with torch.random.fork_rng(devices=[]):
+                on_epoch_end(model, epoch, step)
+            model.train()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     if checkpointing is not None:
@@ -614,6 +620,13 @@ def _accuracy_module_path() -> str:
     from hf_vpt.metrics import ACCURACY_METRIC_PATH
 
     return str(ACCURACY_METRIC_PATH)
+
+
+def log_epoch_accuracy(accelerator: Accelerator, loader: DataLoader, model, epoch: int, step: int) -> None:
+    """Evaluation after every epoch of a run on your data: printed and sent to the trackers."""
+    accuracy = evaluate(accelerator, model, loader)
+    accelerator.print(f"epoch {epoch + 1}: eval accuracy {100 * accuracy:.2f} %")
+    accelerator.log({"eval/accuracy": accuracy}, step=step)
 
 
 def accuracy_metric():
@@ -1334,6 +1347,7 @@ def run_hub(args, accelerator: Accelerator) -> dict:
         progress=args.progress,
         log_prefix="train" if args.trackers else None,
         checkpointing=checkpointing,
+        on_epoch_end=partial(log_epoch_accuracy, accelerator, eval_loader),
     )
     if not checkpointing.finished:
         accelerator.print(

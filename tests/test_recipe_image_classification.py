@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def test_bad_options_name_the_fix(recipe, capsys):
 
 
 @pytest.mark.parametrize("method", ["vpt_deep", "lora"])
-def test_local_model_and_imagefolder(recipe, tmp_path, method):
+def test_local_model_and_imagefolder(recipe, tmp_path, method, capsys):
     """The user-data path, offline: a local checkpoint and a local imagefolder stand in for the Hub."""
     import numpy as np
     from PIL import Image
@@ -204,6 +205,10 @@ def test_local_model_and_imagefolder(recipe, tmp_path, method):
     (row,) = data["results"]
     assert row["method"] == method and 0.0 <= row["accuracy_mean"] <= 1.0
     assert data["labels"] == ["dark", "light"] and data["eval_split"] == "validation"
+    printed = capsys.readouterr().out
+    epochs = [float(x) for x in re.findall(r"epoch \d+: eval accuracy ([\d.]+) %", printed)]
+    assert len(epochs) == 2  # evaluated after each of the 2 epochs
+    assert epochs[-1] == pytest.approx(100 * row["accuracy_mean"], abs=0.01)  # the last one is the final model
     adapter = 2 * 2 * 32 if method == "vpt_deep" else 2 * 2 * (2 * 8 * 32)  # 2 prompts / LoRA q, v; 2 blocks
     assert row["trainable_parameters"] == 32 * 2 + 2 + adapter
     snippet = _card_snippet(out / method)
