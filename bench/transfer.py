@@ -610,7 +610,11 @@ def run_benchmark(args) -> dict:
         base.requires_grad_(False)
         pixels, labels = digits_pixels(args.image_size, processor.image_mean, processor.image_std)
         runner = Runner(base, pixels, labels, args)
-        meta = {"path": str(path), "image_mean": list(processor.image_mean), "image_std": list(processor.image_std)}
+        meta = {
+            "path": os.path.relpath(path, REPO_ROOT),
+            "image_mean": list(processor.image_mean),
+            "image_std": list(processor.image_std),
+        }
         for method in methods:
             problem = missing_api(method)
             if problem:

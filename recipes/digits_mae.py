@@ -50,17 +50,17 @@ def mae_settings(args) -> dict:
     }
 
 
+def _encoder_geometry(settings: dict, num_channels: int) -> dict:
+    """The config fields the MAE encoder and the ViT it becomes must share."""
+    keys = ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    return {"num_channels": num_channels, **{key: settings[key] for key in keys}}
+
+
 def _mae_model(settings: dict, num_channels: int):
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     config = ViTMAEConfig(
-        image_size=settings["image_size"],
-        patch_size=settings["patch_size"],
-        num_channels=num_channels,
-        hidden_size=settings["hidden_size"],
-        num_hidden_layers=settings["num_hidden_layers"],
-        num_attention_heads=settings["num_attention_heads"],
-        intermediate_size=settings["intermediate_size"],
+        **_encoder_geometry(settings, num_channels),
         decoder_hidden_size=settings["decoder_hidden_size"],
         decoder_num_hidden_layers=settings["decoder_num_hidden_layers"],
         decoder_num_attention_heads=settings["num_attention_heads"],
@@ -76,13 +76,7 @@ def _encoder_as_vit(mae, settings: dict, num_channels: int, pretrain_classes):
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
-        image_size=settings["image_size"],
-        patch_size=settings["patch_size"],
-        num_channels=num_channels,
-        hidden_size=settings["hidden_size"],
-        num_hidden_layers=settings["num_hidden_layers"],
-        num_attention_heads=settings["num_attention_heads"],
-        intermediate_size=settings["intermediate_size"],
+        **_encoder_geometry(settings, num_channels),
         num_labels=len(pretrain_classes),
         id2label={i: str(c) for i, c in enumerate(pretrain_classes)},
         label2id={str(c): i for i, c in enumerate(pretrain_classes)},

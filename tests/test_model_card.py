@@ -172,7 +172,7 @@ def test_imagegpt_card_samples_as_written(tmp_path):
     [
         ("google/vit-base-patch16-224", True),
         ("gpt2", True),
-        ("/root/.cache/hf_vpt/digits_vit_1", False),
+        ("/srv/models/digits_vit_1", False),
         ("./vit", False),
     ],
 )

@@ -166,26 +166,9 @@ def test_bad_options_name_the_fix(recipe, capsys):
 @pytest.mark.parametrize("method", ["vpt_deep", "lora"])
 def test_local_model_and_imagefolder(recipe, tmp_path, method, capsys):
     """The user-data path, offline: a local checkpoint and a local imagefolder stand in for the Hub."""
-    import numpy as np
-    from PIL import Image
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTForImageClassification
 
-    checkpoint = tmp_path / "tiny-vit"
-    torch.manual_seed(0)
-    vit = ViTForImageClassification(
-        ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=64, num_labels=7)
-    )  # fmt: skip
-    vit.save_pretrained(checkpoint)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("val", 3)):
-        for name, level in (("dark", 40), ("light", 200)):
-            folder = tmp_path / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(rng.normal(level, 20, size=(20, 20, 3)), 0, 255).astype("uint8")
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+    checkpoint, _ = _tiny_checkpoint_and_imagefolder(tmp_path, {"train": 6, "val": 3})
 
     out = tmp_path / "out"
     summary = recipe.main(
@@ -323,8 +306,9 @@ def test_mae_learning_rates_are_parsed_and_checked(recipe):
             recipe.parse_method_values(bad, "mae_lrs")
 
 
-def _tiny_checkpoint_and_imagefolder(root: Path) -> tuple[Path, Path]:
-    """A tiny local ViT checkpoint (with its image processor) and a two-class imagefolder of 6 images per class."""
+def _tiny_checkpoint_and_imagefolder(root: Path, splits: dict[str, int] | None = None) -> tuple[Path, Path]:
+    """A tiny local ViT checkpoint (with its image processor) and a two-class imagefolder per split (`splits`: name
+    -> images per class; default 6 training images per class). Returns the checkpoint and the training folder."""
     import numpy as np
     from PIL import Image
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
@@ -338,12 +322,13 @@ def _tiny_checkpoint_and_imagefolder(root: Path) -> tuple[Path, Path]:
     vit.save_pretrained(checkpoint)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
     rng = np.random.default_rng(0)
-    for name, level in (("dark", 40), ("light", 200)):
-        folder = root / "train" / name
-        folder.mkdir(parents=True)
-        for i in range(6):
-            pixels = np.clip(rng.normal(level, 20, size=(20, 20, 3)), 0, 255).astype("uint8")
-            Image.fromarray(pixels).save(folder / f"{i}.png")
+    for split, count in (splits or {"train": 6}).items():
+        for name, level in (("dark", 40), ("light", 200)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(level, 20, size=(20, 20, 3)), 0, 255).astype("uint8")
+                Image.fromarray(pixels).save(folder / f"{i}.png")
     return checkpoint, root / "train"
 
 
