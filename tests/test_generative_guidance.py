@@ -15,6 +15,7 @@ import transformers
 from peft import get_peft_model
 
 import hf_vpt
+from hf_vpt import _compat
 from hf_vpt.sampling import PromptPrefixCache, autoregressive_sample
 from hf_vpt.sampling import autoregressive as autoregressive_module
 
@@ -153,8 +154,7 @@ def test_guidance_keeps_a_separate_unprompted_cache(monkeypatch):
     def record(module, args, kwargs):
         if "input_ids" not in kwargs:  # the one prefix forward of the prompts alone (inputs_embeds, no token)
             return
-        cache = kwargs.get("past_key_values")
-        length = cache.get_seq_length() if cache is not None else 0
+        length = _compat.cache_length(_compat.find_cache(module, args, kwargs))  # `past_key_values` or `cache`
         seen.append((model.base_model._prompting(model.base_model._towers[0]), kwargs["input_ids"].shape[1], length))
 
     handle = base.register_forward_pre_hook(record, with_kwargs=True)

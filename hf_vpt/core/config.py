@@ -7,8 +7,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from peft.config import PeftConfig
-from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft import PeftConfig
+
+from .._compat import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 
 TOWER_KINDS = ("vision", "text", "multimodal")

@@ -15,14 +15,20 @@ the attention module's instance-level `forward` is replaced, while an adapter is
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .._compat import (
+    attention_function,
+    attention_settings,
+    pop_causal_flag,
+    replace_attention_forward,
+    restore_attention_forward,
+)
 
 
 PREFIX_KWARG = "hf_vpt_kv_prefix"
@@ -30,8 +36,8 @@ PREFIX_KWARG = "hf_vpt_kv_prefix"
 
 @dataclass
 class KVPrefix:
-    keys: torch.Tensor  # [1 or B, heads, p, head_dim]
-    values: torch.Tensor  # [1 or B, heads, p, head_dim]
+    keys: torch.Tensor  # [1 or B, heads, p, head_size]
+    values: torch.Tensor  # [1 or B, heads, p, head_size]
     at: int  # where the prompts would sit in the sequence; keeps the concatenation path's key order
 
 
@@ -45,7 +51,7 @@ class AttentionLayout:
     key: nn.Linear
     value: nn.Linear
     output: nn.Linear | None  # None: BERT-style self-attention whose output projection sits in a sibling module
-    head_dim: int
+    head_size: int
 
     @property
     def passes_kwargs(self) -> bool:
@@ -65,9 +71,9 @@ def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
 def find_attention_layout(block: nn.Module, spec) -> AttentionLayout | None:
     """Structure of a pre-norm block whose attention owns its q/k/v projections.
 
-    Two shapes are known: transformers' attention-interface modules (q/k/v/o projections, `config`, `head_dim`) and
-    BERT-style self-attention (ViLT: q/k/v and `attention_head_size`; the output projection lives in a sibling
-    module and runs unchanged). Anything else returns None and the concatenation path serves it.
+    Two shapes are known: transformers' attention-interface modules (q/k/v/o projections, `config`, a head size) and
+    BERT-style self-attention (ViLT: q/k/v and a head size; the output projection lives in a sibling module and runs
+    unchanged). Anything else returns None and the concatenation path serves it.
     """
     norm = _child(block, spec.attention_norm_names)
     if not isinstance(norm, nn.LayerNorm):
@@ -77,21 +83,20 @@ def find_attention_layout(block: nn.Module, spec) -> AttentionLayout | None:
         if not all(isinstance(m, nn.Linear) for m in (query, key, value)):
             continue
         output = _child(module, spec.output_names)
-        if isinstance(output, nn.Linear) and hasattr(module, "config") and hasattr(module, "head_dim"):
-            return AttentionLayout(norm, module, query, key, value, output, module.head_dim)
-        if (
-            output is None
-            and hasattr(module, "attention_head_size")
-            and isinstance(getattr(module, "dropout", None), nn.Dropout)
-        ):
-            return AttentionLayout(norm, module, query, key, value, None, module.attention_head_size)
+        settings = attention_settings(module)
+        if settings is None:
+            continue
+        if isinstance(output, nn.Linear) and hasattr(module, "config"):
+            return AttentionLayout(norm, module, query, key, value, output, settings.head_size)
+        if output is None and isinstance(getattr(module, "dropout", None), nn.Dropout):
+            return AttentionLayout(norm, module, query, key, value, None, settings.head_size)
     return None
 
 
 def project_prefix(layout: AttentionLayout, prompts: torch.Tensor, at: int) -> KVPrefix:
     """Keys and values of `[b, p, d]` prompts (b = 1 when they are shared by the whole batch)."""
     normed = layout.norm(prompts)
-    heads_shape = (*prompts.shape[:2], -1, layout.head_dim)
+    heads_shape = (*prompts.shape[:2], -1, layout.head_size)
     keys = layout.key(normed).view(heads_shape).transpose(1, 2)
     values = layout.value(normed).view(heads_shape).transpose(1, 2)
     return KVPrefix(keys, values, at)
@@ -133,30 +138,26 @@ def prefix_attention_forward(module: nn.Module, spec, hidden_states: torch.Tenso
     prefix: KVPrefix | None = kwargs.pop(PREFIX_KWARG, None)
     if prefix is None:
         return type(module).forward(module, hidden_states, attention_mask, **kwargs)
+    settings = attention_settings(module)
     input_shape = hidden_states.shape[:-1]
-    heads_shape = (*input_shape, -1, module.head_dim)
+    heads_shape = (*input_shape, -1, settings.head_size)
     projections = [_child(module, names) for names in (spec.query_names, spec.key_names, spec.value_names)]
     query, key, value = (proj(hidden_states).view(heads_shape).transpose(1, 2) for proj in projections)
     key = _splice(key, prefix.keys.to(key.dtype), prefix.at)
     value = _splice(value, prefix.values.to(value.dtype), prefix.at)
-    causal = kwargs.pop("is_causal", None)
-    causal = getattr(module, "is_causal", False) if causal is None else causal
+    causal = pop_causal_flag(kwargs)
+    causal = settings.causal if causal is None else causal
     attention_mask = _prefix_mask(
         attention_mask, causal, input_shape[-1], prefix.keys.shape[2], prefix.at, query.dtype, query.device
     )
-    # the model's own eager function is the fallback, as in its attention module
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
-    scaling = getattr(module, "scaling", None) or getattr(module, "scale", None)
-    dropout = getattr(module, "attention_dropout", getattr(module, "dropout", 0.0))
-    output, weights = interface(
+    output, weights = attention_function(module)(
         module,
         query,
         key,
         value,
         attention_mask,
-        scaling=scaling,
-        dropout=dropout if module.training else 0.0,
+        scaling=settings.scale,
+        dropout=settings.dropout if module.training else 0.0,
         is_causal=False,  # causality, if any, is in the mask now
         **kwargs,
     )
@@ -168,16 +169,16 @@ def bert_style_prefix_attention_forward(
     module: nn.Module, spec, hidden_states, attention_mask=None, output_attentions=False
 ):
     """ViLT's self-attention (scaled dot product, additive mask, dropout on the probabilities) with a prefix."""
-    prefix: KVPrefix | None = module.__dict__.get(PREFIX_KWARG)
+    prefix: KVPrefix | None = getattr(module, PREFIX_KWARG, None)
     if prefix is None:
         return type(module).forward(module, hidden_states, attention_mask, output_attentions)
-    head_dim = module.attention_head_size
-    heads_shape = (*hidden_states.shape[:-1], -1, head_dim)
+    head_size = attention_settings(module).head_size
+    heads_shape = (*hidden_states.shape[:-1], -1, head_size)
     projections = [_child(module, names) for names in (spec.query_names, spec.key_names, spec.value_names)]
     query, key, value = (proj(hidden_states).view(heads_shape).transpose(1, 2) for proj in projections)
     key = _splice(key, prefix.keys.to(key.dtype), prefix.at)
     value = _splice(value, prefix.values.to(value.dtype), prefix.at)
-    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_dim)
+    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_size)
     if attention_mask is not None:
         scores = scores + _prefix_mask(
             attention_mask, False, hidden_states.shape[1], prefix.keys.shape[2], prefix.at, scores.dtype, scores.device
@@ -191,18 +192,18 @@ def bert_style_prefix_attention_forward(
 @contextmanager
 def handed_over(layout: AttentionLayout, prefix: KVPrefix):
     """Give a BERT-style attention its prefix for one block call (its block does not forward keyword arguments)."""
-    layout.attention.__dict__[PREFIX_KWARG] = prefix
+    setattr(layout.attention, PREFIX_KWARG, prefix)  # a plain attribute: not a module, parameter or buffer
     try:
         yield
     finally:
-        layout.attention.__dict__.pop(PREFIX_KWARG, None)
+        delattr(layout.attention, PREFIX_KWARG)
 
 
 def enable_prefix_attention(layout: AttentionLayout, spec) -> None:
     """Let the attention accept a key/value prefix; without one it runs exactly its own forward."""
     forward = prefix_attention_forward if layout.passes_kwargs else bert_style_prefix_attention_forward
-    layout.attention.forward = partial(forward, layout.attention, spec)
+    replace_attention_forward(layout.attention, partial(forward, layout.attention, spec))
 
 
 def disable_prefix_attention(layout: AttentionLayout) -> None:
-    layout.attention.__dict__.pop("forward", None)
+    restore_attention_forward(layout.attention)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .._compat import BaseTunerLayer, block_attention_mask, with_block_attention_mask
 from .surgery import extend_attention_mask
 
 
@@ -96,24 +96,19 @@ class PromptedBlock(nn.Module, BaseTunerLayer):
         """Run the frozen block on the prompted sequence; methods that also act inside the block override it."""
         return self.base_layer(block_input, *args, **kwargs)
 
-    @staticmethod
-    def _extend_masks(run, block_input: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Open the prompt positions in the masks the tower built for its original sequence.
+    def _extend_masks(self, run, block_input: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Open the prompt positions in the attention mask the tower built for its original sequence."""
+        mask = block_attention_mask(self.base_layer, args, kwargs)
+        if not isinstance(mask, torch.Tensor):
+            return args, kwargs
+        return with_block_attention_mask(self.base_layer, args, kwargs, self._extend_mask(run, block_input, mask))
 
-        Only when the prompts are in this block's input: with the key/value-prefix path the block sees the original
-        sequence and the attention extends its key mask itself.
-        """
-
-        def extend(mask):
-            if isinstance(mask, torch.Tensor) and mask.shape[-1] + run.count == block_input.shape[1]:
-                return extend_attention_mask(mask, run.at, run.count, causal=run.causal)
-            return mask
-
-        if args:
-            args = (extend(args[0]), *args[1:])
-        if "attention_mask" in kwargs:
-            kwargs = {**kwargs, "attention_mask": extend(kwargs["attention_mask"])}
-        return args, kwargs
+    def _extend_mask(self, run, block_input: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Only when the prompts are in this block's input: with the key/value-prefix path the block sees the
+        original sequence and the attention extends its key mask itself."""
+        if mask.shape[-1] + run.count == block_input.shape[1]:
+            return extend_attention_mask(mask, run.at, run.count, causal=run.causal)
+        return mask
 
     def __repr__(self) -> str:
         return f"{self._tuner.prefix.rstrip('_')}.{super().__repr__()}"

@@ -8,7 +8,8 @@ place that knows the layout `[special tokens, prompts, other tokens]`.
 from __future__ import annotations
 
 import torch
-from transformers.utils import ModelOutput
+
+from .._compat import ModelOutput
 
 
 def insert_tokens(hidden: torch.Tensor, tokens: torch.Tensor, at: int) -> torch.Tensor:

@@ -15,10 +15,9 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTuner, _get_tuner_state_dict_key_prefixes
-from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .._compat import AuxiliaryTrainingWrapper, BaseTuner, check_tower, tuner_state_dict_key_prefixes
 from ..layouts import Tower, select_towers
 from .config import AdapterLoadError
 from .kv_prefix import disable_prefix_attention, enable_prefix_attention
@@ -104,6 +103,9 @@ class PromptTunerModel(BaseTuner):
                 )
         self._check_fits(adapter_name, config, towers)
         first_injection = not self._towers
+        if first_injection:  # every upstream internal the towers' prompting relies on, before anything is wrapped
+            for tower in towers:
+                check_tower(tower)
         # A refused adapter (e.g. APT `layers` past the depth, found by `_create_bank`) must leave the adapters that
         # are already there exactly as they were.
         previous_towers, previous_positions = self._towers, self._block_positions
@@ -358,7 +360,7 @@ class PromptTunerModel(BaseTuner):
         """PEFT only warns about missing keys; for prompts a missing tensor means a broken adapter, so raise."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         model_state = model.state_dict()
-        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        prefixes = tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         bank_prefix = f"{cls.prefix}bank.{adapter_name}"
         expected = {k for k in model_state if bank_prefix in k and any(k.startswith(p) for p in prefixes)}
         missing = sorted(expected - set(remapped))

@@ -21,8 +21,8 @@ from numbers import Real
 
 import numpy as np
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 
+from .._compat import BaseTunerLayer, imagegpt_cache_keyword, output_cache
 from ._random import sample_categorical
 from .prompt_prefix import PromptPrefixCache, prompt_prefix_applies
 
@@ -54,7 +54,7 @@ def autoregressive_sample(
     """Sample `[B, num_tokens]` token ids (SOS not included) from a prompted `ImageGPTForCausalImageModeling`.
 
     Args:
-        model: the prompted model (a `PeftModel` or the base model); called with `input_ids`, `past_key_values`,
+        model: the prompted model (a `PeftModel` or the base model); called with `input_ids`, its key/value cache,
             `use_cache` and, if given, `class_labels`.
         num_tokens: number of tokens to produce, prefix included (default: `n_positions`, a full image).
         batch_size: number of samples; defaults to `len(class_labels)` (or `len(prefix)`).
@@ -119,19 +119,20 @@ def autoregressive_sample(
             prefixes = prefixes if prefixes is not None else PromptPrefixCache(model)
             cache = prefixes.for_batch(class_labels=extra.get("class_labels"), batch_size=batch_size)
     plain_cache = None  # the unprompted branch's own cache: prompt positions must never enter it
+    cache_keyword = imagegpt_cache_keyword(model) if use_cache else None  # `past_key_values` or, from 5.24, `cache`
     step_input = sequence
     while sequence.shape[1] - 1 < num_tokens:
         if use_cache:
-            output = model(input_ids=step_input, past_key_values=cache, use_cache=True, **extra)
-            cache = output.past_key_values
+            output = model(input_ids=step_input, use_cache=True, **{cache_keyword: cache}, **extra)
+            cache = output_cache(output)
         else:
             output = model(input_ids=sequence, use_cache=False, **extra)
         logits = output.logits[:, -1]
         if guidance_scale is not None:
             with model.disable_adapter():
                 if use_cache:
-                    plain = model(input_ids=step_input, past_key_values=plain_cache, use_cache=True)
-                    plain_cache = plain.past_key_values
+                    plain = model(input_ids=step_input, use_cache=True, **{cache_keyword: plain_cache})
+                    plain_cache = output_cache(plain)
                 else:
                     plain = model(input_ids=sequence, use_cache=False)
             # lerp is exact at both ends: g = 1 returns the prompted logits, g = 0 the unprompted ones

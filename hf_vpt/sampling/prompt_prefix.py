@@ -3,7 +3,7 @@
 In a prompted ImageGPT the `p` prompts come first and attention is causal, so in every layer the keys and values of
 the prompt positions depend only on the prompts, that is on the adapter and the class label, never on the image
 tokens. `PromptPrefixCache` computes them with one forward of the prompts alone (an empty image sequence) for all the
-classes it has not seen yet, keeps one key and one value tensor `[heads, p, head_dim]` per layer and class, and
+classes it has not seen yet, keeps one key and one value tensor `[heads, p, head_size]` per layer and class, and
 builds for a batch of labels the `DynamicCache` that a forward of `[prompts; SOS, ...]` holds after its prompt
 positions. Sampling starts from that cache, marked as holding `p` prompts, so the adapter inserts nothing and keeps
 the image positions `0 .. L-1`; no forward after the prefix one has a prompt row, and the prefix of a class serves
@@ -11,15 +11,16 @@ every sample of that class, every decoding step, and every call that is given th
 
 The prefix is reused only where the prompts are deterministic, in eval mode: in training mode (dropout) every sample
 needs its own prompts, and `prompt_prefix_applies` is False. Cached prefixes are dropped when the adapter's generator
-changes (an optimiser step, a loaded state dict, another active adapter, a new dtype or device), so a cache kept
-across training steps never serves stale prompts.
+or the frozen transformer changes (an optimiser step, a loaded state dict, weights edited in place, another active
+adapter, a new dtype or device), so a cache kept across training steps or weight swaps never serves stale prompts.
+Edits through `tensor.data` bypass torch's version counter: call `clear()` after those.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
+from .._compat import cache_from_layers, cache_layers, cache_length, output_cache, parameter_version
 from ..tuners.generative_prompt.layouts import IMAGEGPT
 from ..tuners.generative_prompt.model import CACHE_PROMPT_ATTRIBUTE, GenerativePromptModel
 
@@ -95,7 +96,7 @@ class PromptPrefixCache:
         self._entries.clear()
         self._signature = None
 
-    def for_batch(self, class_labels: torch.Tensor | None = None, batch_size: int | None = None) -> DynamicCache:
+    def for_batch(self, class_labels: torch.Tensor | None = None, batch_size: int | None = None):
         """The `DynamicCache` of the prompt positions of every sample: one class's prefix per label, gathered.
 
         Args:
@@ -144,11 +145,14 @@ class PromptPrefixCache:
         if missing:
             self._compute(tower, generator, missing)
 
-        cache = DynamicCache(config=tower.config)
-        for layer in range(len(self._entries[keys[0]][0])):
-            layer_keys = torch.stack([self._entries[key][0][layer] for key in keys])[rows]
-            layer_values = torch.stack([self._entries[key][1][layer] for key in keys])[rows]
-            cache.update(layer_keys, layer_values, layer)
+        layers = [
+            (
+                torch.stack([self._entries[key][0][layer] for key in keys])[rows],
+                torch.stack([self._entries[key][1][layer] for key in keys])[rows],
+            )
+            for layer in range(len(self._entries[keys[0]][0]))
+        ]
+        cache = cache_from_layers(tower.config, layers)
         setattr(cache, CACHE_PROMPT_ATTRIBUTE, generator.num_tokens)
         return cache
 
@@ -161,34 +165,35 @@ class PromptPrefixCache:
         if generator.is_conditional:
             extra["class_labels"] = torch.tensor(keys, dtype=torch.long, device=embeddings.device)
         output = self.model(inputs_embeds=empty, use_cache=True, **extra)
-        cache = output.past_key_values
+        cache = output_cache(output)
         count = getattr(cache, CACHE_PROMPT_ATTRIBUTE, 0)
-        if count != generator.num_tokens or cache.get_seq_length() != count:
+        if count != generator.num_tokens or cache_length(cache) != count:
             raise RuntimeError(
-                f"The prompt forward left {cache.get_seq_length()} cached positions ({count} marked as prompts); "
+                f"The prompt forward left {cache_length(cache)} cached positions ({count} marked as prompts); "
                 f"expected the {generator.num_tokens} prompts."
             )
+        layers = cache_layers(cache)
         for index, key in enumerate(keys):
-            layer_keys = tuple(layer.keys[index] for layer in cache.layers)
-            layer_values = tuple(layer.values[index] for layer in cache.layers)
-            self._entries[key] = (layer_keys, layer_values)
+            self._entries[key] = (tuple(k[index] for k, _ in layers), tuple(v[index] for _, v in layers))
         self.num_prefix_forwards += 1
         self.num_prefix_rows += len(keys)
 
     @staticmethod
     def _signature_of(tower, generator, adapter: str) -> tuple:
-        """What the cached keys/values depend on besides the label; in-place updates bump `_version`."""
-        parameters = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in generator.parameters())
-        base = tower.root.wte.weight
-        return adapter, parameters, base.dtype, base.device
+        """What the cached keys/values depend on besides the label: the adapter, its generator and every weight and
+        buffer of the frozen transformer. In-place updates (optimiser steps, `load_state_dict`, edits under
+        `torch.no_grad()`) bump a tensor's version counter; replaced tensors change its storage."""
+
+        def state(tensors) -> tuple:
+            return tuple((t.data_ptr(), parameter_version(t), t.shape, t.dtype, t.device) for t in tensors)
+
+        return adapter, state(generator.parameters()), state(tower.root.parameters()), state(tower.root.buffers())
 
 
-def prompt_prefix_cache(
-    model, class_labels: torch.Tensor | None = None, batch_size: int | None = None
-) -> DynamicCache:
+def prompt_prefix_cache(model, class_labels: torch.Tensor | None = None, batch_size: int | None = None):
     """The per-sample `DynamicCache` of the prompt positions, with one prompt forward for the distinct classes.
 
-    `model(input_ids=[SOS, ...], past_key_values=prompt_prefix_cache(model, labels), use_cache=True)` gives the
+    `model(input_ids=[SOS, ...], cache=prompt_prefix_cache(model, labels), use_cache=True)` gives the
     logits of `model(input_ids=[SOS, ...], class_labels=labels)`. To reuse prefixes across batches keep a
     `PromptPrefixCache` and call its `for_batch`.
     """

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..._compat import config_attention_dropout
 from ...core.layer import PromptedBlock
 from ...layouts import Tower
 from .config import ApproxPromptConfig
@@ -33,15 +34,6 @@ def approx_prompt_output(
     return scale.exp() * (attention_output + weight * (scores @ prompts))
 
 
-def attention_dropout_rate(config) -> float:
-    """The attention-probability dropout of a transformers config (ViT/ViLT and CLIP/SigLIP spell it differently)."""
-    for name in ("attention_probs_dropout_prob", "attention_dropout"):
-        value = getattr(config, name, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return 0.0
-
-
 class ApproxPromptBank(nn.Module):
     """One adapter's APT parameters, path-free: per tower kind `prompts [R, p, d]`, `key_down [R, r, d]`,
     `key_up [R, d, r]` and `scale [R]`, one row per adapted attention sub-layer (blocks in increasing order)."""
@@ -59,7 +51,7 @@ class ApproxPromptBank(nn.Module):
             blocks = config.adapted_layers(tower.num_layers)
             count, d = len(blocks), tower.hidden_size
             self.rows[tower.kind] = {block: row for row, block in enumerate(blocks)}
-            self.dropout[tower.kind] = attention_dropout_rate(tower.config)
+            self.dropout[tower.kind] = config_attention_dropout(tower.config)
             self.prompts[tower.kind] = nn.Parameter(nn.init.normal_(torch.empty(count, p, d), std=0.02))
             self.key_down[tower.kind] = nn.Parameter(nn.init.normal_(torch.empty(count, r, d), std=1.0))
             self.key_up[tower.kind] = nn.Parameter(torch.zeros(count, d, r))

@@ -5,6 +5,11 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..._compat import (
+    block_checkpoint_function,
+    block_uses_gradient_checkpointing,
+    set_block_gradient_checkpointing,
+)
 from ...core.surgery import replace_tokens
 from ...layouts import Tower
 from ..visual_prompt.layer import VisualPromptBank, VisualPromptBlock
@@ -78,24 +83,25 @@ class GatedPromptBlock(VisualPromptBlock):
         if scale is None:
             return self.base_layer(block_input, *args, **kwargs)
         base = self.base_layer
-        if getattr(base, "gradient_checkpointing", False) and base.training and torch.is_grad_enabled():
+        if block_uses_gradient_checkpointing(base) and base.training and torch.is_grad_enabled():
             # transformers would recompute the block in backward without this block's 1/τ; checkpoint the block
             # here instead, with the scale as an input, so the recomputation scales the queries the same way.
-            return base._gradient_checkpointing_func(partial(self._scaled_call, **kwargs), scale, block_input, *args)
+            checkpoint = block_checkpoint_function(base)
+            return checkpoint(partial(self._scaled_call, **kwargs), scale, block_input, *args)
         return self._scaled_call(scale, block_input, *args, **kwargs)
 
     def _scaled_call(self, scale: torch.Tensor, block_input: torch.Tensor, *args, **kwargs):
         base = self.base_layer
-        inner_checkpointing = getattr(base, "gradient_checkpointing", False)
+        inner_checkpointing = block_uses_gradient_checkpointing(base)
         self._active_query_scale = scale
         try:
             if inner_checkpointing:
-                base.gradient_checkpointing = False
+                set_block_gradient_checkpointing(base, False)
             return base(block_input, *args, **kwargs)
         finally:
             self._active_query_scale = None
             if inner_checkpointing:
-                base.gradient_checkpointing = True
+                set_block_gradient_checkpointing(base, True)
 
     def _scale_query_output(self, module: nn.Module, args, output: torch.Tensor):
         """Forward hook on the block's query projection: `q / τ` gives `softmax(q·kᵀ / (sqrt(d_head)·τ))` exactly."""

@@ -66,15 +66,10 @@ class GenerativePromptBlock(PromptedBlock):
             return block_output
         return remove_tokens(block_output, run.at, run.count)
 
-    def _extend_masks(self, run, *rest):
-        # `rest` is `(args, kwargs)`, preceded by the block input in newer cores; only the last two are used here.
+    def _extend_mask(self, run, block_input: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.tower.spec is not IMAGEGPT:
-            return PromptedBlock._extend_masks(run, *rest)
-        args, kwargs = rest[-2], rest[-1]
-        # ImageGPTModel calls `block(hidden_states, past_key_values, attention_mask, encoder_hidden_states, ...)`.
+            return super()._extend_mask(run, block_input, mask)
+        # ImageGPT's mask carries key padding only (causality is its `bias` buffer); with the prompts already in
+        # the cache only their key columns are opened.
         fresh = not run.extras.get("prompts_in_cache", False)
-        if len(args) > 1 and isinstance(args[1], torch.Tensor):
-            args = (args[0], open_prompt_positions(args[1], run.count, fresh), *args[2:])
-        if isinstance(kwargs.get("attention_mask"), torch.Tensor):
-            kwargs = {**kwargs, "attention_mask": open_prompt_positions(kwargs["attention_mask"], run.count, fresh)}
-        return args, kwargs
+        return open_prompt_positions(mask, run.count, fresh)

@@ -5,6 +5,15 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..._compat import (
+    cache_length,
+    check_tower,
+    imagegpt_call,
+    imagegpt_causal_buffers,
+    output_cache,
+    set_causal_buffer,
+    with_imagegpt_call,
+)
 from ...core.tuner import PromptTunerModel, TowerForward
 from ...layouts import Tower
 from .config import GENERATIVE_TOWER_KIND, GenerativePromptConfig
@@ -63,6 +72,9 @@ class GenerativePromptModel(PromptTunerModel):
         if first_injection:
             self._towers = find_generative_towers(model)
         try:
+            if first_injection:
+                for tower in self._towers:
+                    check_tower(tower)
             super().inject_adapter(model, adapter_name, **kwargs)
         except Exception:
             if first_injection:
@@ -95,14 +107,14 @@ class GenerativePromptModel(PromptTunerModel):
             if tower.spec is not IMAGEGPT:
                 continue
             needed = int(tower.config.n_positions) + longest
-            for module in tower.blocks.modules():
-                causal = module._buffers.get("bias") if hasattr(module, "_buffers") else None
-                if not _is_causal_buffer(causal) or causal.shape[-1] >= needed:
-                    continue
-                if not any(owner is module for owner, _ in self._original_causal_buffers):
-                    self._original_causal_buffers.append((module, causal))
-                bigger = torch.tril(torch.ones(needed, needed, dtype=torch.bool, device=causal.device))
-                module._buffers["bias"] = bigger.view(1, 1, needed, needed)
+            for block in tower.blocks:
+                for module, causal in imagegpt_causal_buffers(block):
+                    if causal.shape[-1] >= needed:
+                        continue
+                    if not any(owner is module for owner, _ in self._original_causal_buffers):
+                        self._original_causal_buffers.append((module, causal))
+                    bigger = torch.tril(torch.ones(needed, needed, dtype=torch.bool, device=causal.device))
+                    set_causal_buffer(module, bigger.view(1, 1, needed, needed))
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         model = super()._unload_and_optionally_merge(
@@ -110,7 +122,7 @@ class GenerativePromptModel(PromptTunerModel):
         )
         while self._original_causal_buffers:
             module, original = self._original_causal_buffers.pop()
-            module._buffers["bias"] = original
+            set_causal_buffer(module, original)
         return model
 
     # ----------------------------------------------------------------------------------------------------------
@@ -188,24 +200,23 @@ class GenerativePromptModel(PromptTunerModel):
         self._inserted[tower_index] = 0
         if not self._prompting(tower):
             return None
-        names = ("input_ids", "past_key_values", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
-        values = dict(zip(names, args))
-        values.update({k: v for k, v in kwargs.items() if k in names})
-        reference = values.get("input_ids") if values.get("input_ids") is not None else values.get("inputs_embeds")
+        # Arguments are found by the forward's signature: transformers 5.24 renamed the cache `past_key_values` ->
+        # `cache`, and a caller may still pass either spelling.
+        call = imagegpt_call(module, args, kwargs)
+        reference = call.tokens
         if reference is None:
             return None
         length = reference.shape[1] if reference.dim() > 1 else reference.shape[0]
-        cache = values.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        in_cache = getattr(cache, CACHE_PROMPT_ATTRIBUTE, 0) if past else 0
+        past = cache_length(call.cache)
+        in_cache = getattr(call.cache, CACHE_PROMPT_ATTRIBUTE, 0) if past else 0
         if past and not in_cache:
             raise ValueError(
-                "`past_key_values` holds positions computed without prompts, but a generative prompt adapter is "
+                "The key/value cache holds positions computed without prompts, but a generative prompt adapter is "
                 "active. Start the cache with the adapter active (or disable the adapter for the whole generation)."
             )
         image_past = past - in_cache
         limit = int(tower.config.n_positions)
-        position_ids = values.get("position_ids")
+        position_ids = call.position_ids
         last = int(position_ids.max()) + 1 if position_ids is not None else image_past + length
         if last > limit:
             raise ValueError(
@@ -216,37 +227,24 @@ class GenerativePromptModel(PromptTunerModel):
         self._prompts_in_cache[tower_index] = in_cache
         if not in_cache:
             return None
-        new_kwargs = dict(kwargs)
         if position_ids is None:
-            positions = torch.arange(image_past, image_past + length, device=reference.device)
-            new_kwargs["position_ids"] = positions.unsqueeze(0)
-        mask = values.get("attention_mask")
+            position_ids = torch.arange(image_past, image_past + length, device=reference.device).unsqueeze(0)
+        else:
+            position_ids = None  # the caller's positions stay
+        mask = call.mask
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == image_past + length:
             ones = torch.ones(mask.shape[0], in_cache, dtype=mask.dtype, device=mask.device)
             mask = torch.cat([ones, mask], dim=1)
-            if len(args) > 2:
-                args = (*args[:2], mask, *args[3:])
-            else:
-                new_kwargs["attention_mask"] = mask
-        return args, new_kwargs
+        else:
+            mask = None  # nothing to open
+        return with_imagegpt_call(module, args, kwargs, position_ids=position_ids, attention_mask=mask)
 
     def _on_imagegpt_end(self, tower_index: int, module, args, output):
         count = self._inserted.pop(tower_index, 0)
         self._prompts_in_cache.pop(tower_index, None)
         if not count:
             return output
-        cache = getattr(output, "past_key_values", None)
-        if cache is None and isinstance(output, tuple) and len(output) > 1:
-            cache = output[1]
-        if cache is not None and not isinstance(cache, (torch.Tensor, tuple)):
+        cache = output_cache(output)
+        if cache is not None:
             setattr(cache, CACHE_PROMPT_ATTRIBUTE, count)
         return output
-
-
-def _is_causal_buffer(tensor) -> bool:
-    return (
-        isinstance(tensor, torch.Tensor)
-        and tensor.dtype == torch.bool
-        and tensor.dim() == 4
-        and tensor.shape[-1] == tensor.shape[-2]
-    )

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._compat import block_uses_gradient_checkpointing
 from ...core.kv_prefix import KVPrefix, project_prefix
 from ...core.tuner import PromptTunerModel, TowerForward
 from ...layouts import Tower
@@ -82,8 +83,7 @@ class VisualPromptModel(PromptTunerModel):
         if all(layout.passes_kwargs for layout in tower.attention_layouts):
             return False
         return torch.is_grad_enabled() and any(
-            getattr(block.get_base_layer(), "gradient_checkpointing", False) and block.training
-            for block in tower.blocks
+            block_uses_gradient_checkpointing(block.get_base_layer()) and block.training for block in tower.blocks
         )
 
     def _kv_prefix(self, run: TowerForward, tower: Tower, block: int, dtype: torch.dtype) -> KVPrefix:
