@@ -84,10 +84,10 @@ __all__ = [
 
 # Oldest and newest release of each package that the drift check ran green with.
 VERIFIED: dict[str, tuple[str, str]] = {
-    "transformers": ("5.0.0", "5.24.0"),
+    "transformers": ("5.18.0", "5.24.0"),
     "peft": ("0.21.0", "0.21.2"),
-    "diffusers": ("0.35.0", "0.42.1"),
-    "accelerate": ("1.0.0", "1.16.0"),
+    "diffusers": ("0.36.0", "0.42.1"),
+    "accelerate": ("1.15.0", "1.16.0"),
 }
 
 # The cache argument of ImageGPT's forwards, by release: `past_key_values` up to 5.23, `cache` from 5.24.
@@ -175,6 +175,12 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         "the key/value cache argument of ImageGPT's forwards (`past_key_values` up to 5.23, `cache` from 5.24) and "
         "the cache in its outputs",
         ("past_key_values", "layer_past", "get_seq_length"),
+    ),
+    TouchPoint(
+        "ImageGPT module names",
+        "transformers",
+        "none: ImageGPT's embeddings are reached through `get_input_embeddings()`, its blocks by structure",
+        ("wte", "wpe"),
     ),
     TouchPoint(
         "ImageGPT causal buffer",
@@ -377,10 +383,14 @@ def _check_bert_style_attention(module: nn.Module, model_class: str) -> None:
 
 
 def _check_block(block: nn.Module, model_class: str, needs_kwargs: bool) -> None:
+    """A block's mask must be findable by name (a block without a mask parameter is never given one), and a block
+    whose attention takes the key/value prefix must pass `**kwargs` on to it."""
     cls = type(block)
-    names = [p.name for p in _forward_parameters(cls)]
-    if "attention_mask" not in names or (needs_kwargs and not _accepts_var_keyword(cls)):
-        expected = "(hidden_states, ..., attention_mask, ..., **kwargs)" if needs_kwargs else "an `attention_mask`"
+    parameters = _forward_parameters(cls)
+    names = [p.name for p in parameters]
+    opaque = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters) and "attention_mask" not in names
+    if opaque or (needs_kwargs and not _accepts_var_keyword(cls)):
+        expected = "a named `attention_mask`" if opaque else "`**kwargs` passed on to its attention"
         raise drift_error(
             "transformers",
             "block call convention",
@@ -610,9 +620,9 @@ def check_tower(tower) -> None:
     if tower.spec.name.startswith("ImageGPT"):
         _check_imagegpt(tower, model_class)
         return
-    for block in tower.blocks:
+    for block, layout in zip(tower.blocks, tower.attention_layouts or [None] * len(tower.blocks)):
         block = block.get_base_layer() if isinstance(block, BaseTunerLayer) else block
-        _check_block(block, model_class, needs_kwargs=False)
+        _check_block(block, model_class, needs_kwargs=layout is not None and layout.passes_kwargs)
     for layout in tower.attention_layouts:
         if layout is None:
             continue

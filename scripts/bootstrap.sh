@@ -12,4 +12,8 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "$TORCH_SPEC"
 fi
-.venv/bin/pip install -q -e ".[test]"
+if [ "${HF_VPT_UNLOCKED:-0}" = 1 ]; then
+  .venv/bin/pip install -q -e ".[test]"
+else
+  .venv/bin/pip install -q -c constraints.txt -e ".[test]"
+fi

@@ -115,7 +115,7 @@ class PromptPrefixCache:
             )
         tuner, tower, adapter = state
         generator = tuner.banks[adapter].generators[tower.kind]
-        device = tower.root.wte.weight.device
+        device = tower.root.get_input_embeddings().weight.device
         if class_labels is not None and not isinstance(class_labels, torch.Tensor):
             class_labels = torch.as_tensor(class_labels)
         if batch_size is None:
@@ -159,7 +159,7 @@ class PromptPrefixCache:
     @torch.no_grad()
     def _compute(self, tower, generator, keys: list[int | None]) -> None:
         """One forward of the prompts of `keys` alone (no image token); keeps their per-layer keys and values."""
-        embeddings = tower.root.wte.weight
+        embeddings = tower.root.get_input_embeddings().weight
         empty = torch.zeros(len(keys), 0, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
         extra = {}
         if generator.is_conditional:
