@@ -69,6 +69,7 @@ __all__ = [
     "output_cache",
     "parameter_version",
     "pop_causal_flag",
+    "register_optimizer_step_post_hook",
     "register_peft_method",
     "replace_attention_forward",
     "restore_attention_forward",
@@ -212,6 +213,13 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         "torch",
         "`Tensor._version`, bumped by every in-place update (cache invalidation)",
         ("_version",),
+    ),
+    TouchPoint(
+        "optimiser step hook",
+        "torch",
+        "`torch.optim.optimizer.register_optimizer_step_post_hook`, a hook run after every optimiser's `step` "
+        "(keeps gated-prompt temperatures in range on the parameters the optimiser updates, sharded or not)",
+        ("register_optimizer_step_post_hook", "torch.optim.optimizer"),
     ),
 )
 
@@ -601,6 +609,13 @@ def add_peft_type_member(member_name: str) -> PeftType:
     PeftType._value2member_map_[member_name] = member
     PeftType._member_names_.append(member_name)
     return member
+
+
+def register_optimizer_step_post_hook(hook: Callable) -> torch.utils.hooks.RemovableHandle:
+    """Run `hook(optimizer, args, kwargs)` after the `step` of every `torch.optim.Optimizer` in this process."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook as register
+
+    return register(hook)
 
 
 def parameter_version(tensor: torch.Tensor) -> int:

@@ -245,7 +245,12 @@ def test_gates_temperatures_and_prompts_train_and_the_base_stays_untouched(gate_
         assert torch.equal(model(x).logits, untouched(x).logits)
 
 
-def test_temperature_clamp_before_every_forward():
+def test_temperature_clamp_on_the_value_used_and_after_every_step():
+    """The official code clamps τ's storage in place (`.data.clamp_`) before every forward: the forward sees the
+    clamped τ and the whole gradient reaches τ. An in-place edit inside the forward would only touch the gathered copy
+    under FSDP / ZeRO-3, so hf_vpt clamps the value the forward uses (gradient passed through, as in the official
+    code) and clamps the stored τ after every optimiser step that updated it (this test used to check the in-place
+    clamp at forward time; the forward no longer edits the parameter)."""
     base = build("vit")
     untouched = copy.deepcopy(base)
     model = get_peft_model(base, _config())
@@ -254,24 +259,43 @@ def test_temperature_clamp_before_every_forward():
     model(pixels()).logits.sum().backward()
     temperatures.grad = torch.tensor([1e4, -1e4, 1e4])  # push τ far below 0.01 and above 10
     torch.optim.SGD([temperatures], lr=1.0).step()
-    assert temperatures.min() < -1000 and temperatures.max() > 1000
-    # gate_values reports the value the next forward uses
-    assert [r["temperature"] for r in hf_vpt.gate_values(model)] == pytest.approx([0.01, 10.0, 0.01])
+    assert torch.equal(temperatures.detach(), torch.tensor([0.01, 10.0, 0.01]))  # clamped by the step hook
 
-    x = pixels()
+    # Out of range without an optimiser step (written by hand): the forward uses the clamped value...
     with torch.no_grad():
-        ours = model(x).logits
-    assert torch.equal(temperatures.detach(), torch.tensor([0.01, 10.0, 0.01]))  # clamped in place
+        temperatures.copy_(torch.tensor([-1e3, 1e3, 1e-4]))
+    assert [r["temperature"] for r in hf_vpt.gate_values(model)] == pytest.approx([0.01, 10.0, 0.01])
+    x = pixels()
+    ours = model(x).logits
     prompts, gates, clamped = _values(bank, 3)
+    clamped = clamped.clamp(0.01, 10.0)
     with torch.no_grad():
         expected = reference_gated("vit", untouched, {"pixel_values": x}, prompts, gates, clamped, 1)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(temperatures.detach(), torch.tensor([-1e3, 1e3, 1e-4]))  # the forward edits no parameter
+
+    # ...and the gradient is the official one: the gradient at the clamped value, not zeroed at the bounds.
+    temperatures.grad = None
+    ours.sum().backward()
+    official = temperatures.detach().clamp(0.01, 10.0).requires_grad_()
+    with torch.no_grad():
+        bank.temperatures["vision"].copy_(official)
+    bank.temperatures["vision"].grad, wanted = None, temperatures.grad.clone()
+    model(x).logits.sum().backward()
+    torch.testing.assert_close(wanted, temperatures.grad, rtol=0, atol=0)
+    assert (wanted != 0).all()
 
     narrow = get_peft_model(build("vit"), _config(min_temperature=0.5, max_temperature=2.0))
+    narrow_temperatures = _bank(narrow).temperatures["vision"]
     with torch.no_grad():
-        _bank(narrow).temperatures["vision"].copy_(torch.tensor([0.1, 1.5, 7.0]))
-        narrow(x)
-    assert torch.equal(_bank(narrow).temperatures["vision"].detach(), torch.tensor([0.5, 1.5, 2.0]))
+        narrow_temperatures.copy_(torch.tensor([0.1, 1.5, 7.0]))
+    narrow(x).logits.sum().backward()
+    other = torch.nn.Parameter(torch.ones(2))
+    other.grad = torch.ones(2)
+    torch.optim.SGD([other], lr=0.0).step()  # an optimiser that does not hold these temperatures leaves them alone
+    assert torch.equal(narrow_temperatures.detach(), torch.tensor([0.1, 1.5, 7.0]))
+    torch.optim.SGD([narrow_temperatures], lr=0.0).step()
+    assert torch.equal(narrow_temperatures.detach(), torch.tensor([0.5, 1.5, 2.0]))
 
 
 def test_two_forwards_then_one_backward_accumulate_gradients():

@@ -5,11 +5,17 @@ matter only as keys and values, `k_proj(LN(P_i))` and `v_proj(LN(P_i))`. They do
 once per block and spliced into the keys and values of the real tokens, they give the same attention as inserting
 the prompts into the sequence, while the queries, the output projection and the MLP run on the real tokens only.
 
-How the prefix reaches the attention: the block wrapper passes it as a keyword argument through the frozen block
-(transformers blocks forward `**kwargs` to their attention, and gradient checkpointing replays the same kwargs), and
-the attention module's instance-level `forward` is replaced, while an adapter is attached, by
-`prefix_attention_forward`, which runs the module's own projections and its configured attention implementation
-(SDPA, eager, ...) with the spliced keys and values, or the untouched forward when no prefix is given.
+How the prefix reaches the attention: the block wrapper passes the block's prompts (and where they would sit) as a
+keyword argument through the frozen block (transformers blocks forward `**kwargs` to their attention, and gradient
+checkpointing replays the same kwargs), and the attention module's instance-level `forward` is replaced, while an
+adapter is attached, by `prefix_attention_forward`, which computes `k_proj(LN(P))` and `v_proj(LN(P))` and runs the
+module's own projections and its configured attention implementation (SDPA, eager, ...) with the spliced keys and
+values, or the untouched forward when no prefix is given.
+
+Why the projection runs inside the attention and not in the block wrapper: under FSDP (1 and 2) and DeepSpeed
+ZeRO-3 the transformers block is the usual sharding unit, and its weights (the pre-attention norm, the key and value
+projections) are gathered only while the block's own forward runs. The wrapper runs outside that unit, where those
+weights are still shards.
 """
 
 from __future__ import annotations
@@ -36,9 +42,14 @@ PREFIX_KWARG = "hf_vpt_kv_prefix"
 
 @dataclass
 class KVPrefix:
-    keys: torch.Tensor  # [1 or B, heads, p, head_size]
-    values: torch.Tensor  # [1 or B, heads, p, head_size]
+    """One block's prompts on their way to the attention, which turns them into keys and values."""
+
+    prompts: torch.Tensor  # [1 or B, p, d] in the activations' dtype (1: shared by the whole batch)
     at: int  # where the prompts would sit in the sequence; keeps the concatenation path's key order
+
+    @property
+    def count(self) -> int:
+        return self.prompts.shape[1]
 
 
 @dataclass
@@ -94,12 +105,21 @@ def find_attention_layout(block: nn.Module, spec) -> AttentionLayout | None:
 
 
 def project_prefix(layout: AttentionLayout, prompts: torch.Tensor, at: int) -> KVPrefix:
-    """Keys and values of `[b, p, d]` prompts (b = 1 when they are shared by the whole batch)."""
-    normed = layout.norm(prompts)
-    heads_shape = (*prompts.shape[:2], -1, layout.head_size)
+    """The key/value prefix of `[b, p, d]` prompts for `layout`'s block (b = 1 when they are shared by the whole
+    batch). The projection itself is deferred to `prefix_keys_values`, which the block's attention runs inside the
+    block's forward, where a sharded block's weights are gathered."""
+    if prompts.shape[-1] != layout.key.in_features:
+        raise ValueError(f"prompts of width {prompts.shape[-1]} for a block of width {layout.key.in_features}")
+    return KVPrefix(prompts, at)
+
+
+def prefix_keys_values(layout: AttentionLayout, prefix: KVPrefix) -> tuple[torch.Tensor, torch.Tensor]:
+    """`k_proj(LN(P))` and `v_proj(LN(P))`, each `[b, heads, p, head_size]`; runs inside the block's forward."""
+    normed = layout.norm(prefix.prompts)
+    heads_shape = (*prefix.prompts.shape[:2], -1, layout.head_size)
     keys = layout.key(normed).view(heads_shape).transpose(1, 2)
     values = layout.value(normed).view(heads_shape).transpose(1, 2)
-    return KVPrefix(keys, values, at)
+    return keys, values
 
 
 def _splice(states: torch.Tensor, prefix: torch.Tensor, at: int) -> torch.Tensor:
@@ -134,21 +154,25 @@ def _prefix_mask(mask, causal: bool, num_queries: int, count: int, at: int, dtyp
     return torch.cat([mask[..., :at], new, mask[..., at:]], dim=-1)
 
 
-def prefix_attention_forward(module: nn.Module, spec, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+def prefix_attention_forward(
+    layout: AttentionLayout, spec, hidden_states: torch.Tensor, attention_mask=None, **kwargs
+):
+    module = layout.attention
     prefix: KVPrefix | None = kwargs.pop(PREFIX_KWARG, None)
     if prefix is None:
         return type(module).forward(module, hidden_states, attention_mask, **kwargs)
+    prefix_keys, prefix_values = prefix_keys_values(layout, prefix)
     settings = attention_settings(module)
     input_shape = hidden_states.shape[:-1]
     heads_shape = (*input_shape, -1, settings.head_size)
     projections = [_child(module, names) for names in (spec.query_names, spec.key_names, spec.value_names)]
     query, key, value = (proj(hidden_states).view(heads_shape).transpose(1, 2) for proj in projections)
-    key = _splice(key, prefix.keys.to(key.dtype), prefix.at)
-    value = _splice(value, prefix.values.to(value.dtype), prefix.at)
+    key = _splice(key, prefix_keys.to(key.dtype), prefix.at)
+    value = _splice(value, prefix_values.to(value.dtype), prefix.at)
     causal = pop_causal_flag(kwargs)
     causal = settings.causal if causal is None else causal
     attention_mask = _prefix_mask(
-        attention_mask, causal, input_shape[-1], prefix.keys.shape[2], prefix.at, query.dtype, query.device
+        attention_mask, causal, input_shape[-1], prefix.count, prefix.at, query.dtype, query.device
     )
     output, weights = attention_function(module)(
         module,
@@ -166,22 +190,24 @@ def prefix_attention_forward(module: nn.Module, spec, hidden_states: torch.Tenso
 
 
 def bert_style_prefix_attention_forward(
-    module: nn.Module, spec, hidden_states, attention_mask=None, output_attentions=False
+    layout: AttentionLayout, spec, hidden_states, attention_mask=None, output_attentions=False
 ):
     """ViLT's self-attention (scaled dot product, additive mask, dropout on the probabilities) with a prefix."""
+    module = layout.attention
     prefix: KVPrefix | None = getattr(module, PREFIX_KWARG, None)
     if prefix is None:
         return type(module).forward(module, hidden_states, attention_mask, output_attentions)
+    prefix_keys, prefix_values = prefix_keys_values(layout, prefix)
     head_size = attention_settings(module).head_size
     heads_shape = (*hidden_states.shape[:-1], -1, head_size)
     projections = [_child(module, names) for names in (spec.query_names, spec.key_names, spec.value_names)]
     query, key, value = (proj(hidden_states).view(heads_shape).transpose(1, 2) for proj in projections)
-    key = _splice(key, prefix.keys.to(key.dtype), prefix.at)
-    value = _splice(value, prefix.values.to(value.dtype), prefix.at)
+    key = _splice(key, prefix_keys.to(key.dtype), prefix.at)
+    value = _splice(value, prefix_values.to(value.dtype), prefix.at)
     scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_size)
     if attention_mask is not None:
         scores = scores + _prefix_mask(
-            attention_mask, False, hidden_states.shape[1], prefix.keys.shape[2], prefix.at, scores.dtype, scores.device
+            attention_mask, False, hidden_states.shape[1], prefix.count, prefix.at, scores.dtype, scores.device
         )
     probs = module.dropout(torch.softmax(scores, dim=-1))
     context = torch.matmul(probs, value).permute(0, 2, 1, 3).contiguous()
@@ -202,7 +228,7 @@ def handed_over(layout: AttentionLayout, prefix: KVPrefix):
 def enable_prefix_attention(layout: AttentionLayout, spec) -> None:
     """Let the attention accept a key/value prefix; without one it runs exactly its own forward."""
     forward = prefix_attention_forward if layout.passes_kwargs else bert_style_prefix_attention_forward
-    replace_attention_forward(layout.attention, partial(forward, layout.attention, spec))
+    replace_attention_forward(layout.attention, partial(forward, layout, spec))
 
 
 def disable_prefix_attention(layout: AttentionLayout) -> None:

@@ -60,9 +60,11 @@ class ApproxPromptBank(nn.Module):
     def row(self, kind: str, block_index: int) -> int | None:
         return self.rows.get(kind, {}).get(block_index)
 
-    def apply(
+    def adapt(
         self, kind: str, row: int, attention_input: torch.Tensor, attention_output: torch.Tensor, training: bool
     ) -> torch.Tensor:
+        """APT's output for row `row` of tower `kind`. Not called `apply`: that is `nn.Module.apply(fn)`, which
+        PEFT, accelerate and DeepSpeed call on the whole model."""
         dtype = attention_output.dtype
         return approx_prompt_output(
             attention_input.to(dtype),

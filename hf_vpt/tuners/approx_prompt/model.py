@@ -108,7 +108,7 @@ class ApproxPromptModel(PromptTunerModel):
         row = bank.row(layer.tower.kind, layer.block_index) if name in layer.prompted_adapters else None
         if row is None:  # this adapter does not adapt this block
             return y
-        return bank.apply(layer.tower.kind, row, x, y, training=layer.training)
+        return bank.adapt(layer.tower.kind, row, x, y, training=layer.training)
 
     def _add_approx_prompts(self, layer: ApproxPromptLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         route = self._route(layer, y.shape[0], y.device)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import weakref
 from functools import partial
 
 import torch
@@ -8,12 +9,48 @@ from torch import nn
 from ..._compat import (
     block_checkpoint_function,
     block_uses_gradient_checkpointing,
+    register_optimizer_step_post_hook,
     set_block_gradient_checkpointing,
 )
 from ...core.surgery import replace_tokens
 from ...layouts import Tower
 from ..visual_prompt.layer import VisualPromptBank, VisualPromptBlock
 from .config import GatedPromptConfig
+
+
+class ClampedTemperature(torch.autograd.Function):
+    """`τ.clamp(low, high)` forward, identity backward: what the official code computes by clamping τ's storage
+    (`.data.clamp_`) before the forward, so the forward sees the clamped value and the whole gradient reaches τ,
+    even at a bound. Here the clamp acts on the value the forward uses, so it is right wherever the parameter lives
+    (a gathered FSDP / ZeRO copy included), and it needs no in-place edit inside the forward."""
+
+    @staticmethod
+    def forward(ctx, temperature: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return temperature.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
+# Banks that learn temperatures; after every optimiser step, the temperatures that optimiser updated are clamped.
+_BANKS_WITH_TEMPERATURES: weakref.WeakSet = weakref.WeakSet()
+_STEP_HOOK = None
+
+
+def _clamp_stepped_temperatures(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Keep the stored τ in range, as the official code does, on the tensors the optimiser itself updates: a plain
+    parameter, a DDP replica, an FSDP2 shard (DTensor) or an FSDP1 `use_orig_params` view of the local shard. Between
+    two steps nothing else changes τ, so this equals the official clamp before the next forward."""
+    if not _BANKS_WITH_TEMPERATURES:
+        return
+    stepped = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    with torch.no_grad():
+        for bank in list(_BANKS_WITH_TEMPERATURES):
+            low, high = bank.temperature_range
+            for temperature in bank.temperatures.values():
+                if id(temperature) in stepped:
+                    temperature.clamp_(low, high)
 
 
 class GatedPromptBank(VisualPromptBank):
@@ -33,23 +70,28 @@ class GatedPromptBank(VisualPromptBank):
             self.gate_logits[tower.kind] = nn.Parameter(torch.full((num_gates,), -config.gate_init))
             if config.learn_temperature:
                 self.temperatures[tower.kind] = nn.Parameter(torch.ones(tower.num_layers))
+        self.temperature_range = (config.min_temperature, config.max_temperature)  # plain attribute, not state
+        if self.temperatures:
+            _watch_temperatures(self)
 
     def gate_logit(self, kind: str, block: int) -> torch.Tensor:
         return self.gate_logits[kind][block]
 
     def temperature(self, kind: str, block: int) -> torch.Tensor:
-        """τ of one block; a constant 1 when the adapter does not learn temperatures."""
+        """τ of one block, clamped to the configured range (gradient as if unclamped, as in the official code); a
+        constant 1 when the adapter does not learn temperatures."""
         if kind in self.temperatures:
-            return self.temperatures[kind][block]
+            low, high = self.temperature_range
+            return ClampedTemperature.apply(self.temperatures[kind][block], low, high)
         logits = self.gate_logits[kind]
         return torch.ones((), device=logits.device, dtype=logits.dtype)
 
-    @torch.no_grad()
-    def clamp_temperatures_(self, low: float, high: float) -> None:
-        """Clamp τ in place, outside autograd (through `.data`, as the official code does, so a graph that already
-        used τ stays valid)."""
-        for temperature in self.temperatures.values():
-            temperature.data.clamp_(low, high)
+
+def _watch_temperatures(bank: GatedPromptBank) -> None:
+    global _STEP_HOOK
+    _BANKS_WITH_TEMPERATURES.add(bank)
+    if _STEP_HOOK is None:
+        _STEP_HOOK = register_optimizer_step_post_hook(_clamp_stepped_temperatures)
 
 
 class GatedPromptBlock(VisualPromptBlock):

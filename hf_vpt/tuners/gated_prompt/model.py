@@ -32,6 +32,11 @@ class GatedPromptModel(VisualPromptModel):
     tensor each per tower, so saved adapters do not depend on module names. Temperatures act through forward hooks on
     the blocks' query projections (`q / τ_l`); the hooks do nothing while adapters are disabled and are removed by
     `unload()`.
+
+    τ stays in `[min_temperature, max_temperature]` as in the official code, which clamps it in place before every
+    forward, in two ways that act on the real parameter and never edit it inside a forward (under FSDP or ZeRO-3 a
+    forward sees a gathered copy): the forward uses `clamp(τ)` with the gradient passed through unchanged, and after
+    every optimiser step the temperatures that optimiser updated are clamped in place.
     """
 
     prefix: str = "gated_prompt_"
@@ -54,12 +59,6 @@ class GatedPromptModel(VisualPromptModel):
             for block in tower.blocks:  # the GatedPromptBlock wrappers by now
                 query = tower.query_projection(block.base_layer)
                 self._hook_handles.append(query.register_forward_hook(block._scale_query_output))
-
-    def _begin_extras(self, run: TowerForward, tower: Tower, hidden_states: torch.Tensor) -> None:
-        super()._begin_extras(run, tower, hidden_states)
-        for name in run.route.adapters:  # the official code clamps τ before every forward
-            config = self.peft_config[name]
-            self.banks[name].clamp_temperatures_(config.min_temperature, config.max_temperature)
 
     def _gate(self, run: TowerForward, kind: str, block: int) -> torch.Tensor:
         """`[B]` float32 gate values `sigmoid(γ_block)` of each sample's adapter."""

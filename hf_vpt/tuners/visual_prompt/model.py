@@ -87,7 +87,8 @@ class VisualPromptModel(PromptTunerModel):
         )
 
     def _kv_prefix(self, run: TowerForward, tower: Tower, block: int, dtype: torch.dtype) -> KVPrefix:
-        """Keys and values of block `block`'s prompts: once for the batch, or per sample (mixed adapters, dropout)."""
+        """The key/value prefix of block `block`'s prompts: shared by the batch, or per sample (mixed adapters,
+        dropout). The block's attention projects it (`core/kv_prefix.py`)."""
         bank = self.banks[run.route.adapters[0]]
         dropout_active = any(
             self.banks[name].dropout.training and self.banks[name].dropout.p > 0 for name in run.route.adapters
