@@ -4,6 +4,7 @@ Importing the package registers its methods with PEFT, so `get_peft_model`, `Pef
 `PeftModel.from_pretrained` know them.
 """
 
+from .core import adapter_io as _adapter_io
 from .core.config import AdapterLoadError
 from .diffusers_text_encoder import (
     attach_text_encoder_adapter,
@@ -19,6 +20,8 @@ from .tuners.generative_prompt import GenerativePromptConfig, GenerativePromptMo
 
 
 __version__ = "0.1.0"
+
+_adapter_io.install()  # safetensors-only, all-or-nothing adapter I/O through PEFT's entry points
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",

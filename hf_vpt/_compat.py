@@ -16,6 +16,7 @@ the README's compatibility table in step.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import inspect
 import sys
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_tuner_state_dict_key_prefixes
 from peft.utils import AuxiliaryTrainingWrapper, PeftType, register_peft_method
@@ -80,6 +82,7 @@ __all__ = [
     "with_block_attention_mask",
     "with_call_argument",
     "with_imagegpt_call",
+    "wrap_peft_model_loading",
 ]
 
 
@@ -207,6 +210,13 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         "`BaseTuner` hooks, the state-dict key prefixes of a tuner, `AuxiliaryTrainingWrapper`, and the closed "
         "`PeftType` enum that outside methods must extend",
         ("_get_tuner_state_dict_key_prefixes", "_member_map_", "_value2member_map_", "_member_names_"),
+    ),
+    TouchPoint(
+        "PEFT loading entry points",
+        "peft",
+        "`PeftModel.load_adapter`, `from_pretrained` and `save_pretrained` wrapped, for hf_vpt adapters only, so that "
+        "adapter I/O is safetensors-only and a failed load leaves the model and its earlier adapters as they were",
+        (),
     ),
     TouchPoint(
         "parameter version counter",
@@ -586,6 +596,38 @@ def block_checkpoint_function(block: nn.Module) -> Callable:
 # ----------------------------------------------------------------------------------------------------------------
 # peft and torch
 # ----------------------------------------------------------------------------------------------------------------
+def wrap_peft_model_loading(load_adapter: Callable, from_pretrained: Callable, save_pretrained: Callable) -> None:
+    """Route `PeftModel.load_adapter`, `from_pretrained` and `save_pretrained` through hf_vpt's guards (idempotent).
+
+    `load_adapter(original, peft_model, model_id, adapter_name, *args, **kwargs)`,
+    `from_pretrained(original, cls, model, model_id, *args, **kwargs)` and
+    `save_pretrained(original, peft_model, save_directory, *args, **kwargs)` receive PEFT's own function first;
+    they must call it unchanged for every adapter that is not hf_vpt's.
+    """
+    if getattr(PeftModel.load_adapter, "_hf_vpt_guard", False):
+        return
+    original_load = PeftModel.load_adapter
+    original_from_pretrained = PeftModel.from_pretrained.__func__
+    original_save = PeftModel.save_pretrained
+
+    @functools.wraps(original_save)
+    def guarded_save_pretrained(self, save_directory, *args, **kwargs):
+        return save_pretrained(original_save, self, save_directory, *args, **kwargs)
+
+    @functools.wraps(original_load)
+    def guarded_load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        return load_adapter(original_load, self, model_id, adapter_name, *args, **kwargs)
+
+    @functools.wraps(original_from_pretrained)
+    def guarded_from_pretrained(cls, model, model_id, *args, **kwargs):
+        return from_pretrained(original_from_pretrained, cls, model, model_id, *args, **kwargs)
+
+    guarded_load_adapter._hf_vpt_guard = True
+    PeftModel.load_adapter = guarded_load_adapter
+    PeftModel.from_pretrained = classmethod(guarded_from_pretrained)
+    PeftModel.save_pretrained = guarded_save_pretrained
+
+
 def tuner_state_dict_key_prefixes(model, adapter_name: str) -> list[str]:
     return list(_get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import re
@@ -17,6 +18,10 @@ CARD_TEMPLATE = "adapter.md.jinja"
 USAGE_TEMPLATE = "usage.md.jinja"
 # Written by hf_vpt next to the adapter; `write_model_card` merges it so training details survive a re-save.
 CARD_DATA_FILE = "hf_vpt_card.json"
+# The last line of every README.md hf_vpt writes: a README.md without it is the user's and is never replaced.
+CARD_MARKER = "<!-- model card written by hf_vpt; a README.md without this line is kept as it is -->"
+# Set by `PeftModel.save_pretrained` (hf_vpt.core.adapter_io) when the folder held a README.md hf_vpt did not write.
+KEEP_USER_MODEL_CARD: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_vpt_keep_user_card", default=False)
 
 METHODS = {
     "VISUAL_PROMPT": (
@@ -256,12 +261,43 @@ def render_model_card(config, **card_data) -> str:
     )
 
 
-def write_model_card(save_directory: str, config, **card_data) -> str:
-    """Write README.md for the adapter in `save_directory`; training details given once are kept on re-save."""
+def read_card_data(save_directory: str) -> dict:
+    """The training details kept next to an adapter (`hf_vpt_card.json`); {} if there are none."""
     data_path = os.path.join(save_directory, CARD_DATA_FILE)
-    if os.path.isfile(data_path):
+    if not os.path.isfile(data_path):
+        return {}
+    try:
         with open(data_path, encoding="utf-8") as handle:
-            card_data = {**json.load(handle), **card_data}
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"'{data_path}' is not valid JSON ({exc}). hf_vpt keeps the model card's training details there; fix the "
+            "file or delete it (the card is then written from the adapter config alone). Nothing was written."
+        ) from exc
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"'{data_path}' holds a {type(data).__name__}, not the JSON object of model-card details hf_vpt writes; fix "
+            "the file or delete it. Nothing was written."
+        )
+    return data
+
+
+def written_by_hf_vpt(readme_path: str) -> bool:
+    with open(readme_path, encoding="utf-8", errors="replace") as handle:
+        return CARD_MARKER in handle.read()
+
+
+def write_model_card(save_directory: str, config, **card_data) -> str:
+    """Write README.md for the adapter in `save_directory`; training details given once are kept on re-save.
+
+    A README.md that hf_vpt did not write (no `CARD_MARKER`) is the user's: it is kept as it is (PEFT has already
+    added its metadata, as it does for every adapter).
+    """
+    data_path = os.path.join(save_directory, CARD_DATA_FILE)
+    card_data = {**read_card_data(save_directory), **card_data}
+    path = os.path.join(save_directory, "README.md")
+    if KEEP_USER_MODEL_CARD.get() and os.path.isfile(path) and not written_by_hf_vpt(path):
+        return path
     if card_data:
         with open(data_path, "w", encoding="utf-8") as handle:
             json.dump(card_data, handle, indent=2, sort_keys=True)
@@ -275,7 +311,6 @@ def write_model_card(save_directory: str, config, **card_data) -> str:
         if auto_mapping.get("base_model_class"):
             render_data["base_model_class"] = auto_mapping["base_model_class"]
             render_data["base_model_library"] = auto_mapping.get("parent_library") or "transformers"
-    path = os.path.join(save_directory, "README.md")
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write(render_model_card(config, **render_data))
+        handle.write(render_model_card(config, **render_data).rstrip("\n") + f"\n\n{CARD_MARKER}\n")
     return path

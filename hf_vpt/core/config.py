@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 
 from .._compat import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .validation import Bool, StrList, TowerShapes, apply_field_rules
 
 
 TOWER_KINDS = ("vision", "text", "multimodal")
@@ -62,8 +63,16 @@ class PromptConfigBase(PeftConfig):
         default=None, metadata={"help": "Unused; kept for PEFT compatibility."}
     )
 
+    FIELD_RULES = {
+        "towers": StrList(TOWER_KINDS),
+        "keep_prompts_in_outputs": Bool(),
+        "tower_shapes": TowerShapes(TOWER_KINDS),
+        "modules_to_save": StrList(),
+    }
+
     def __post_init__(self):
         super().__post_init__()
+        apply_field_rules(self)  # types and ranges of every field, before any check that uses them
         self._check_shared_values()
         if self.towers is not None:
             if isinstance(self.towers, str):

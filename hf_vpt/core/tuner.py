@@ -9,6 +9,7 @@ block wrapper, and nothing else.
 
 from __future__ import annotations
 
+import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,6 +26,10 @@ from .layer import PromptedBlock
 from .routing import BatchRoute
 from .surgery import strip_recorded_outputs
 
+
+# True while `PeftModel.from_pretrained` builds its PeftModel: the adapter injected then is created by the load
+# (`hf_vpt.core.loading` sets it, and removes such an adapter again if its weights do not load).
+LOAD_CREATES_ADAPTER: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_vpt_load_creates", default=False)
 
 MERGE_ERROR = (
     "Prompt tuning adds tokens to the sequence; it has no weight delta that could be merged into the base model. "
@@ -81,6 +86,8 @@ class PromptTunerModel(BaseTuner):
         self._hook_handles: list = []
         self._forward_states: dict[int, TowerForward] = {}
         self._batch_adapter_names: list[str] | None = None
+        # adapters injected by `PeftModel.from_pretrained` whose weights are still to be loaded (core/loading.py)
+        self._adapters_awaiting_weights: set[str] = set()
 
     def inject_adapter(
         self,
@@ -109,6 +116,10 @@ class PromptTunerModel(BaseTuner):
         # A refused adapter (e.g. APT `layers` past the depth, found by `_create_bank`) must leave the adapters that
         # are already there exactly as they were.
         previous_towers, previous_positions = self._towers, self._block_positions
+        # PEFT's `inject_adapter` re-applies `set_adapter(..., inference_mode=<the new adapter's>)` and then restores
+        # the trainability of the parameters it finds in the base model; the banks live on the tuner, so hf_vpt
+        # restores theirs: adding (or failing to add) an adapter never freezes or unfreezes the others.
+        earlier_flags = [(p, p.requires_grad) for bank in self.banks.values() for p in bank.parameters()]
         self._towers = towers
         self._block_positions = {
             name: (ti, bi) for ti, tower in enumerate(towers) for bi, name in enumerate(tower.block_names)
@@ -130,9 +141,15 @@ class PromptTunerModel(BaseTuner):
                 del self.banks[adapter_name]
             self._towers, self._block_positions = previous_towers, previous_positions
             raise
+        finally:
+            for param, requires_grad in earlier_flags:
+                param.requires_grad_(requires_grad)
         if first_injection:
             self._install_hooks()
-        self._sync_bank_trainability(inference_mode=config.inference_mode)
+        if LOAD_CREATES_ADAPTER.get():
+            self._adapters_awaiting_weights.add(adapter_name)
+        # only the new adapter's bank: as PEFT's `add_adapter`, adding one leaves the others' trainability alone
+        self.banks[adapter_name].requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
 
     def _check_fits(self, adapter_name: str, config, towers: list[Tower]) -> None:
         """Reject an adapter recorded for other towers (hidden size, depth) before anything is changed."""
@@ -254,6 +271,10 @@ class PromptTunerModel(BaseTuner):
             return
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("`adapter_names` must be a list of adapter names, one per sample.")
+        if len(adapter_names) == 0:
+            raise ValueError(
+                "`adapter_names` is empty: a forward needs at least one sample, and one adapter name per sample."
+            )
         unknown = sorted({n for n in adapter_names if n not in self.peft_config})
         if unknown:
             hint = " Samples without prompts are not supported in a mixed batch yet." if "__base__" in unknown else ""
@@ -357,12 +378,30 @@ class PromptTunerModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT only warns about missing keys; for prompts a missing tensor means a broken adapter, so raise."""
+        """Check an adapter's tensors before a single one is copied into the model.
+
+        An hf_vpt adapter file may hold its own prompt tensors and the heads its config declares in
+        `modules_to_save`, nothing else: a key that points at a base-model parameter (the CLS token, a block weight,
+        an undeclared head) is refused, as are missing tensors, other shapes, non-float prompts and non-finite
+        values. PEFT itself only warns about missing keys and loads any key that matches the model. A failed load
+        is undone by `hf_vpt.core.loading` (an adapter this load created is removed; an existing one was never
+        written to).
+        """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         model_state = model.state_dict()
         prefixes = tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-        bank_prefix = f"{cls.prefix}bank.{adapter_name}"
-        expected = {k for k in model_state if bank_prefix in k and any(k.startswith(p) for p in prefixes)}
+        bank_prefix = f"base_model.{cls.prefix}bank.{adapter_name}."
+        head_marker = f".modules_to_save.{adapter_name}."
+        outside = sorted(k for k in remapped if not k.startswith(bank_prefix) and head_marker not in k)
+        if outside:
+            declared = list(getattr(config, "modules_to_save", None) or [])
+            raise AdapterLoadError(
+                f"The file of adapter '{adapter_name}' holds tensors outside the adapter: {outside}. An hf_vpt adapter "
+                f"may only hold its own prompt tensors and the heads its config declares in `modules_to_save` (here "
+                f"{declared}); these keys would overwrite the frozen base model. Nothing was loaded and the model is "
+                "unchanged. Do not use this file unless you know where it comes from."
+            )
+        expected = {k for k in model_state if k.startswith(bank_prefix) and any(k.startswith(p) for p in prefixes)}
         missing = sorted(expected - set(remapped))
         unexpected = sorted(k for k in remapped if k not in model_state)
         mismatched = [
@@ -371,22 +410,31 @@ class PromptTunerModel(BaseTuner):
             if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)
         ]
         if missing or unexpected or mismatched:
-            _roll_back_adapter(model, adapter_name)
             raise AdapterLoadError(
                 f"The weights of adapter '{adapter_name}' do not fit this model: missing tensors {missing}, "
-                f"unexpected tensors {unexpected}, shape mismatches {mismatched}. The adapter was not loaded and the "
-                "model is unchanged; check that the adapter folder belongs to this base model and method."
+                f"unexpected tensors {unexpected}, shape mismatches {mismatched}. Nothing was loaded and the model is "
+                "unchanged; check that the adapter folder belongs to this base model and method."
             )
         # `load_state_dict` would copy integer or boolean tensors into the float prompts without a word.
         not_float = sorted(
-            f"{k}: {v.dtype}" for k, v in remapped.items() if bank_prefix in k and not v.dtype.is_floating_point
+            f"{k}: {v.dtype}"
+            for k, v in remapped.items()
+            if k.startswith(bank_prefix) and not v.dtype.is_floating_point
         )
         if not_float:
-            _roll_back_adapter(model, adapter_name)
             raise AdapterLoadError(
                 f"The weights of adapter '{adapter_name}' have a non-floating-point dtype ({not_float}); prompts are "
-                "floating-point parameters. The adapter was not loaded and the model is unchanged; the file is "
-                "corrupted or was written by another tool, save the adapter again."
+                "floating-point parameters. Nothing was loaded and the model is unchanged; the file is corrupted or "
+                "was written by another tool, save the adapter again."
+            )
+        not_finite = sorted(
+            k for k, v in remapped.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())
+        )
+        if not_finite:
+            raise AdapterLoadError(
+                f"The weights of adapter '{adapter_name}' contain NaN or infinite values ({not_finite}); every output "
+                "would be NaN. Nothing was loaded and the model is unchanged; the file is corrupted, save or download "
+                "the adapter again."
             )
         return remapped
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .._compat import BaseTunerLayer, imagegpt_cache_keyword, output_cache
+from ._checks import check_model_kind, check_non_negative, check_top_k, class_label_tensor
 from ._random import sample_categorical
 from .prompt_prefix import PromptPrefixCache, prompt_prefix_applies
 
@@ -78,6 +79,9 @@ def autoregressive_sample(
             `maskgit_sample`); it costs a second forward per step, with its own key/value cache. `model` must be a
             `PeftModel`.
     """
+    check_model_kind(model, "autoregressive")
+    temperature = check_non_negative("temperature", temperature)
+    top_k = check_top_k(top_k)
     _check_guidance(model, guidance_scale)
     config = _config_of(model)
     if sos_token_id is None:
@@ -103,7 +107,7 @@ def autoregressive_sample(
         device = next(iter(model.parameters())).device
     extra = {}
     if class_labels is not None:
-        extra["class_labels"] = torch.as_tensor(class_labels, device=device)
+        extra["class_labels"] = class_label_tensor(class_labels, device=device)
 
     sequence = torch.full((batch_size, 1), sos_token_id, dtype=torch.long, device=device)
     if prefix is not None:

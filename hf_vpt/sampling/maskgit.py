@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import check_model_kind, check_non_negative, class_label_tensor
 from ._random import gumbel, sample_categorical
 
 
@@ -76,6 +77,9 @@ def maskgit_sample(
             and unprompted predictions. This is not in the paper's released code (it samples from `l_p`); it costs
             a second forward per step. `model` must be a `PeftModel`.
     """
+    check_model_kind(model, "maskgit")
+    temperature = check_non_negative("temperature", temperature)
+    choice_temperature = check_non_negative("choice_temperature", choice_temperature)
     if batch_size is None:
         if class_labels is None:
             raise ValueError("Pass `batch_size`, or `class_labels` with one label per sample.")
@@ -92,7 +96,7 @@ def maskgit_sample(
     num_tokens = height * width
     model_kwargs = dict(model_kwargs or {})
     if class_labels is not None:
-        model_kwargs["class_labels"] = torch.as_tensor(class_labels, device=device)
+        model_kwargs["class_labels"] = class_label_tensor(class_labels, device=device)
 
     tokens = torch.full((batch_size, num_tokens), mask_token_id, dtype=torch.long, device=device)
     unknown = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=device)

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from ..._registry import peft_type
 from ...core.config import PromptConfigBase
+from ...core.validation import MAX_PROMPT_TOKENS, MAX_WIDTH, Int
 
 
 ATTENTION_KINDS = ("self", "cross")
@@ -33,6 +34,11 @@ class ApproxPromptConfig(PromptConfigBase):
         attentions (`list[str]`): Which attention sub-layers of a block get APT: "self", and "cross" for models
             with cross-attention (none of the supported transformers architectures has one yet).
     """
+
+    FIELD_RULES = {
+        "num_prompt_tokens": Int(1, MAX_PROMPT_TOKENS),
+        "rank": Int(1, MAX_WIDTH, note="the released code uses 4"),
+    }
 
     num_prompt_tokens: int = field(
         default=50,

@@ -5,6 +5,7 @@ import numbers
 from dataclasses import dataclass, field
 
 from ..._registry import peft_type
+from ...core.validation import Bool, Real
 from ..visual_prompt.config import VisualPromptConfig
 
 
@@ -44,6 +45,17 @@ class GatedPromptConfig(VisualPromptConfig):
         depth (`str`): Only `"shallow"`; the method is not defined for deep prompts (use
             `VisualPromptConfig(depth="deep")` for VPT-deep).
     """
+
+    FIELD_RULES = {
+        "gate_init": Real(
+            -1e4,
+            1e4,
+            text="a finite number (the initial gate prior k; gates start at sigmoid(-k), the official default is 10)",
+        ),
+        "learn_temperature": Bool(),
+        "min_temperature": Real(0.0, 1e4, low_open=True, text="a positive finite number"),
+        "max_temperature": Real(0.0, 1e4, low_open=True, text="a positive finite number"),
+    }
 
     depth: str = field(
         default="shallow",

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from ..._registry import peft_type
 from ...core.config import PromptConfigBase
+from ...core.validation import MAX_CLASSES, MAX_PROMPT_TOKENS, MAX_WIDTH, Int, Real, TowerShapes
 
 
 GENERATIVE_TOWER_KIND = "generative"
@@ -39,6 +40,16 @@ class GenerativePromptConfig(PromptConfigBase):
         prompt_dropout (`float`): Dropout on the generated prompts (the paper uses 0.1).
         init_std (`float`): Standard deviation of the truncated-normal initialisation of the embeddings.
     """
+
+    FIELD_RULES = {
+        "num_prompt_tokens": Int(1, MAX_PROMPT_TOKENS),
+        "num_classes": Int(1, MAX_CLASSES, optional=True, note="None for an unconditional generator"),
+        "generator_width": Int(1, MAX_WIDTH, optional=True),
+        "mlp_hidden_size": Int(0, MAX_WIDTH, note="0: no MLP"),
+        "prompt_dropout": Real(0.0, 1.0, high_open=True),
+        "init_std": Real(0.0, 1e3, low_open=True),
+        "tower_shapes": TowerShapes((GENERATIVE_TOWER_KIND,)),
+    }
 
     num_prompt_tokens: int = field(default=32, metadata={"help": "Prompt length p (the paper's default is 32)."})
     num_classes: int | None = field(

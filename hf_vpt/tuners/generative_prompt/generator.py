@@ -17,6 +17,24 @@ import torch
 from torch import nn
 
 
+def class_label_tensor(class_labels, device=None) -> torch.Tensor:
+    """`class_labels` (a tensor, list or array of class indices) as a tensor; a clear error for anything else."""
+    if isinstance(class_labels, torch.Tensor):
+        return class_labels if device is None else class_labels.to(device)
+    try:
+        labels = torch.as_tensor(class_labels, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"`class_labels` must be integer class indices, one per sample (a list or a tensor); got "
+            f"{class_labels!r:.200}. Map class names to indices first (e.g. with the dataset's `label2id`)."
+        ) from exc
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise ValueError(
+            f"`class_labels` must be integer class indices, one per sample; got values of dtype {labels.dtype}."
+        )
+    return labels
+
+
 class PromptGenerator(nn.Module):
     """Generates `[B, p, d]` prompts from class labels (or one `[p, d]` prompt set without classes).
 
@@ -67,8 +85,7 @@ class PromptGenerator(nn.Module):
 
     def check_labels(self, class_labels: torch.Tensor) -> torch.Tensor:
         """Validate labels (a 1-D integer tensor with values in `[0, C)`) and return them as `long`."""
-        if not isinstance(class_labels, torch.Tensor):
-            class_labels = torch.as_tensor(class_labels)
+        class_labels = class_label_tensor(class_labels)
         if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool or class_labels.dim() != 1:
             raise ValueError(
                 f"`class_labels` must be a 1-D integer tensor with one label per sample; got dtype "

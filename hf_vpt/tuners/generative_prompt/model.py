@@ -17,6 +17,7 @@ from ..._compat import (
 from ...core.tuner import PromptTunerModel, TowerForward
 from ...layouts import Tower
 from .config import GENERATIVE_TOWER_KIND, GenerativePromptConfig
+from .generator import class_label_tensor
 from .layer import GenerativePromptBank, GenerativePromptBlock
 from .layouts import IMAGEGPT, find_generative_towers
 
@@ -133,8 +134,8 @@ class GenerativePromptModel(PromptTunerModel):
             return None
         kwargs = dict(kwargs)
         labels = kwargs.pop("class_labels")
-        if labels is not None and not isinstance(labels, torch.Tensor):
-            labels = torch.as_tensor(labels)
+        if labels is not None:
+            labels = class_label_tensor(labels)
         self._class_labels = labels
         return args, kwargs
 

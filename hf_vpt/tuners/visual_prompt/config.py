@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from ..._registry import peft_type
 from ...core.config import PromptConfigBase
+from ...core.validation import MAX_LAYERS, MAX_PROMPT_TOKENS, MAX_WIDTH, Bool, Choice, Int, Real
 
 
 DEPTHS = ("shallow", "deep")
@@ -39,6 +40,17 @@ class VisualPromptConfig(PromptConfigBase):
             gated-prompt code's MAE readout (the same mean, then the pretrained final norm). Both mean readouts are
             written into the CLS slot of the final sequence, so heads that read token 0 consume them.
     """
+
+    FIELD_RULES = {
+        "num_prompt_tokens": Int(1, MAX_PROMPT_TOKENS),
+        "depth": Choice(DEPTHS),
+        "num_deep_layers": Int(1, MAX_LAYERS, optional=True),
+        "prompt_init": Choice(PROMPT_INITS),
+        "prompt_dropout": Real(0.0, 1.0, high_open=True),
+        "prompt_projection_dim": Int(1, MAX_WIDTH, optional=True),
+        "kv_prefix": Bool(),
+        "readout": Choice(READOUTS),
+    }
 
     num_prompt_tokens: int = field(default=10, metadata={"help": "Number of prompt tokens per prompted block."})
     depth: str = field(
