@@ -128,7 +128,10 @@ def _wrap(engine: str, model: nn.Module) -> nn.Module:
 
         block_classes = {type(m) for m in model.modules() if type(m).__name__ in TRANSFORMERS_BLOCKS}
         return FullyShardedDataParallel(
-            model, auto_wrap_policy=ModuleWrapPolicy(block_classes), use_orig_params=True, device_id=torch.device("cpu")
+            model,
+            auto_wrap_policy=ModuleWrapPolicy(block_classes),
+            use_orig_params=True,
+            device_id=torch.device("cpu"),
         )
     raise ValueError(engine)
 
