@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 import hf_vpt
 
@@ -358,3 +360,77 @@ def test_clear_errors(tokenizer_dir, tmp_path):
     pipe.text_encoder = None
     with pytest.raises(ValueError, match="is None"):
         hf_vpt.attach_text_encoder_adapter(pipe, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# adapters from strangers, through the diffusers helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def _tampered_folder(tokenizer_dir, folder, edit_weights=None, edit_config=None):
+    pipe = make_pipe(tokenizer_dir)
+    randomise(hf_vpt.attach_text_encoder_adapter(pipe, CONFIGS["deep_vpt"]()))
+    hf_vpt.save_text_encoder_adapter(pipe, folder)
+    if edit_weights is not None:
+        tensors = load_file(folder / "adapter_model.safetensors")
+        edit_weights(tensors)
+        save_file(tensors, folder / "adapter_model.safetensors")
+    if edit_config is not None:
+        data = json.loads((folder / "adapter_config.json").read_text())
+        edit_config(data)
+        (folder / "adapter_config.json").write_text(json.dumps(data))
+    return folder
+
+
+def _pickle_only(folder, marker):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps({"x": Payload()}))
+
+
+BAD_FOLDERS = {
+    "base_key": (
+        {"edit_weights": lambda t: t.__setitem__("base_model.model.final_layer_norm.weight", torch.zeros(32))},
+        hf_vpt.AdapterLoadError,
+        ["base_model.model.final_layer_norm.weight", "outside the adapter"],
+    ),
+    "nan": (
+        {"edit_weights": lambda t: t.update({k: torch.full_like(v, float("nan")) for k, v in t.items()})},
+        hf_vpt.AdapterLoadError,
+        ["NaN or infinite"],
+    ),
+    "config_bool_tokens": (
+        {"edit_config": lambda c: c.__setitem__("num_prompt_tokens", True)},
+        ValueError,
+        ["`num_prompt_tokens`", "True"],
+    ),
+    "config_tower_shapes": (
+        {"edit_config": lambda c: c.__setitem__("tower_shapes", {"text": [3]})},
+        ValueError,
+        ["`tower_shapes`"],
+    ),
+    "pickle_only": ({}, hf_vpt.AdapterLoadError, ["pickle", "safetensors"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FOLDERS))
+def test_load_text_encoder_adapter_refuses_bad_folders_and_leaves_the_pipeline_alone(tokenizer_dir, tmp_path, case):
+    edits, error, words = BAD_FOLDERS[case]
+    folder = _tampered_folder(tokenizer_dir, tmp_path / "a", **edits)
+    marker = tmp_path / "pwned"
+    if case == "pickle_only":
+        _pickle_only(folder, marker)
+    pipe = make_pipe(tokenizer_dir)
+    encoder = pipe.text_encoder
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    embeds = prompt_embeds(pipe)
+    with pytest.raises(error) as raised:
+        hf_vpt.load_text_encoder_adapter(pipe, str(folder))
+    for word in words:
+        assert word in str(raised.value), str(raised.value)
+    assert pipe.text_encoder is encoder and not hasattr(encoder, "peft_config")
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in before.items())
+    for a, b in zip(embeds, prompt_embeds(pipe)):
+        assert torch.equal(a, b)
+    assert not marker.exists()

@@ -562,3 +562,11 @@ def test_the_suite_is_large_enough():
                     count *= len(mark.args[1])
             here += count
     assert here >= 100, here
+
+
+@pytest.mark.parametrize(
+    "field_name,value", [("inference_mode", "false"), ("base_model_name_or_path", 3), ("revision", ["main"])]
+)
+def test_pefts_own_fields_are_checked_too(field_name, value):
+    with pytest.raises(ValueError, match=f"`{field_name}`"):
+        hf_vpt.VisualPromptConfig(**{field_name: value})

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 
 from .._compat import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from .validation import Bool, StrList, TowerShapes, apply_field_rules
+from .validation import Bool, OptionalStr, StrList, TowerShapes, apply_field_rules
 
 
 TOWER_KINDS = ("vision", "text", "multimodal")
@@ -68,6 +68,10 @@ class PromptConfigBase(PeftConfig):
         "keep_prompts_in_outputs": Bool(),
         "tower_shapes": TowerShapes(TOWER_KINDS),
         "modules_to_save": StrList(),
+        # PEFT's own fields, as read from an adapter_config.json
+        "inference_mode": Bool(),
+        "base_model_name_or_path": OptionalStr(),
+        "revision": OptionalStr(),
     }
 
     def __post_init__(self):

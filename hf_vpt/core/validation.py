@@ -93,6 +93,14 @@ class Bool:
 
 
 @dataclass(frozen=True)
+class OptionalStr:
+    def check(self, name: str, value):
+        if value is not None and not isinstance(value, str):
+            raise _fail(name, value, "a string or None")
+        return value
+
+
+@dataclass(frozen=True)
 class Choice:
     values: tuple[str, ...]
 
