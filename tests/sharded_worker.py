@@ -11,7 +11,12 @@ For each method, every process:
 4. rank 0 saves the gathered adapter with `save_pretrained(..., state_dict=...)` and loads it with
    `PeftModel.from_pretrained` on a fresh base; the loaded model's logits are compared with the sharded model's.
 
-Rank 0 writes `<output>/results.json`: per method, the measured numbers; the test asserts on them.
+Engines `zero2` and `zero3` train with `deepspeed.initialize` instead (DeepSpeed's CPU accelerator,
+`DS_ACCELERATOR=cpu`, over gloo; float32, the same torch SGD as every other engine, gradient clipping off so that the
+update is the single-process one); ZeRO-3's partitioned parameters are gathered with
+`deepspeed.zero.GatheredParameters` instead of `get_model_state_dict`.
+
+Rank 0 writes `<output>/<engine>.json`: per method, the measured numbers; the test asserts on them.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import hf_vpt  # noqa: E402
 from hf_vpt.core.layer import PromptedBlock  # noqa: E402
 
 
-ENGINES = ("ddp", "fsdp2_blocks", "fsdp2_wrappers", "fsdp1")
+ENGINES = ("ddp", "fsdp2_blocks", "fsdp2_wrappers", "fsdp1", "zero2", "zero3")
 GLOBAL_BATCH = 4
 STEPS = 3
 LR = 0.5
@@ -136,6 +141,49 @@ def _wrap(engine: str, model: nn.Module) -> nn.Module:
     raise ValueError(engine)
 
 
+def _deepspeed_train(stage: int, model: nn.Module, batches: list[dict]) -> nn.Module:
+    """DeepSpeed ZeRO-`stage` over the model, trained like `_train`; returns the engine (called like the model)."""
+    import deepspeed
+
+    config = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # DeepSpeed would clip the global norm; the reference does not
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,  # a torch optimiser: the same SGD as the reference
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine.train()
+    for batch in batches:
+        loss = engine(**batch).loss
+        engine.backward(loss)  # averages the gradients over the processes, as DDP does
+        engine.step()
+    engine.eval()
+    return engine
+
+
+def _gather(engine: str, wrapped: nn.Module, peft_model: nn.Module) -> dict:
+    """The full state dict, on every process (collective)."""
+    if engine == "zero3":
+        import deepspeed
+
+        # every parameter, frozen ones included, is partitioned; gather them all for the read
+        with deepspeed.zero.GatheredParameters(list(peft_model.parameters())):
+            return {k: v.detach().clone() for k, v in peft_model.state_dict().items()}
+    if engine == "zero2":  # ZeRO-2 partitions optimiser state and gradients; the parameters are whole everywhere
+        return {k: v.detach().clone() for k, v in peft_model.state_dict().items()}
+    # cpu_offload=False: the tensors are on the CPU already, and FSDP1's offloading copy crashes (SIGSEGV) when the
+    # unsharded parameters already live there (torch 2.13, gloo)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    gathered = get_model_state_dict(peft_model if engine == "ddp" else wrapped, options=options)
+    return {k: v.detach().clone() for k, v in gathered.items()}
+
+
 def _max_diff(a: dict, b: dict, keys) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
 
@@ -152,18 +200,19 @@ def run_method(engine: str, method: str, output: Path, rank: int, world: int) ->
     reference_logits = _logits(reference, eval_batch)
 
     peft_model = _peft(method)
-    wrapped = _wrap(engine, peft_model)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    _train(wrapped, params, [_half(b, rank, world) for b in train_batches])
-    sharded_logits = _logits(wrapped, eval_batch)  # every rank takes part (FSDP gathers in forward)
+    halves = [_half(b, rank, world) for b in train_batches]
+    if engine.startswith("zero"):
+        wrapped = _deepspeed_train(int(engine[-1]), peft_model, halves)
+    else:
+        wrapped = _wrap(engine, peft_model)
+        _train(wrapped, [p for p in wrapped.parameters() if p.requires_grad], halves)
+    sharded_logits = _logits(wrapped, eval_batch)  # every rank takes part (FSDP and ZeRO-3 gather in forward)
+    # ZeRO-3 keeps only a slice of each parameter on a process (`ds_tensor`); count those that are really split
+    partitioned = sum(p.ds_tensor.numel() < p.ds_numel for p in peft_model.parameters() if hasattr(p, "ds_tensor"))
 
-    # cpu_offload=False: the tensors are on the CPU already, and FSDP1's offloading copy crashes (SIGSEGV) when the
-    # unsharded parameters already live there (torch 2.13, gloo)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    gathered = get_model_state_dict(peft_model if engine == "ddp" else wrapped, options=options)
+    gathered = _gather(engine, wrapped, peft_model)
     if rank != 0:
         return None
-    gathered = {k: v.detach().clone() for k, v in gathered.items()}
     frozen = [k for k in pristine if k not in set(trainable)]
     result = {
         "trainable": trainable,
@@ -172,6 +221,7 @@ def run_method(engine: str, method: str, output: Path, rank: int, world: int) ->
         "vs_single": _max_diff(gathered, reference_state, trainable),
         "base_identical": all(torch.equal(gathered[k], pristine[k]) for k in frozen),
         "sharded_vs_single_logits": (sharded_logits - reference_logits).abs().max().item(),
+        "partitioned_params": int(partitioned),
     }
     # Save the gathered adapter from a plain (never wrapped) PeftModel of the same config, then load it.
     directory = output / engine / method
@@ -189,7 +239,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    if args.engine.startswith("zero"):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's communication layer over the gloo group
+    else:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for method in args.methods:
