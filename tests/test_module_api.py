@@ -88,3 +88,20 @@ def test_no_hf_vpt_module_instance_shadows_an_nn_module_attribute(method):
             offenders = _shadowing(vars(module), OVERRIDABLE | instance_state)
             assert not offenders, (type(module).__qualname__, offenders)
     assert checked > 0
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_no_reference_to_a_replaced_base_parameter_is_kept(method):
+    """FSDP2's `fully_shard` replaces every base parameter by its shard; a reference kept by the tuner (it once
+    kept them to restore `requires_grad` after a failed load) held a whole unsharded model per process."""
+    import gc
+    import weakref
+
+    model = _peft_model(method)
+    owners = [(m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False) if not p.requires_grad]
+    watched = [weakref.ref(getattr(m, n)) for m, n in owners]
+    for module, name in owners:
+        setattr(module, name, nn.Parameter(getattr(module, name).detach().clone(), requires_grad=False))
+    gc.collect()
+    alive = sum(ref() is not None for ref in watched)
+    assert alive == 0, f"{alive} of {len(watched)} replaced base parameters are still referenced"

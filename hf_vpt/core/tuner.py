@@ -80,7 +80,9 @@ class PromptTunerModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         setattr(self, self.prefix + "bank", nn.ModuleDict())
         # PEFT freezes the base model while injecting; a load that is rolled back gives the flags back.
-        self._base_requires_grad = [(param, param.requires_grad) for param in model.parameters()]
+        # By name, not by object: a reference to each Parameter would keep the full, unsharded weights alive after
+        # FSDP2's `fully_shard` replaces them with shards (a whole extra model per process).
+        self._base_requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
         self._towers: list[Tower] = []
         self._block_positions: dict[str, tuple[int, int]] = {}
         self._hook_handles: list = []
@@ -450,5 +452,6 @@ def _roll_back_adapter(peft_model, adapter_name: str) -> None:
         peft_model.delete_adapter(adapter_name)
     else:
         tuner.unload()
-        for param, requires_grad in tuner._base_requires_grad:
-            param.requires_grad_(requires_grad)
+        for name, param in tuner.model.named_parameters():
+            if name in tuner._base_requires_grad:
+                param.requires_grad_(tuner._base_requires_grad[name])
