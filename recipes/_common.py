@@ -435,13 +435,16 @@ def save_adapter(
     from hf_vpt.hub import write_model_card
 
     accelerator.wait_for_everyone()
+    # Under FSDP or ZeRO-3 each process holds shards: gather the full state dict (a collective, every process takes
+    # part) and let the main process write the adapter once. Without sharding this is the plain state dict.
+    state_dict = accelerator.get_state_dict(model) if save_fn is None else None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         os.makedirs(folder, exist_ok=True)
         if save_fn is not None:
             save_fn(folder)
         else:
-            unwrapped.save_pretrained(folder)
+            unwrapped.save_pretrained(folder, state_dict=state_dict)
         config = getattr(unwrapped, "peft_config", {}).get("default")
         if config is not None:
             if hasattr(unwrapped, "get_base_model"):
