@@ -242,18 +242,29 @@ def _signature(function: Callable) -> inspect.Signature:
     return inspect.signature(function)  # follows functools.wraps (transformers' kwarg-deprecation decorators)
 
 
-def _forward_parameters(module_class: type) -> list[inspect.Parameter]:
+def _forward_parameters(module_class: type) -> tuple[inspect.Parameter, ...]:
     """The parameters of `module_class.forward` after `self`."""
-    return list(_signature(module_class.forward).parameters.values())[1:]
+    return _parameters_after_self(module_class.forward)
+
+
+@cache
+def _parameters_after_self(forward: Callable) -> tuple[inspect.Parameter, ...]:
+    # keyed by the function, not the class: a class whose forward is replaced is read afresh
+    return tuple(_signature(forward).parameters.values())[1:]
 
 
 def _accepts_var_keyword(module_class: type) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _forward_parameters(module_class))
 
 
-def _positional_names(module_class: type) -> list[str]:
+def _positional_names(module_class: type) -> tuple[str, ...]:
+    return _positional_names_of(module_class.forward)
+
+
+@cache
+def _positional_names_of(forward: Callable) -> tuple[str, ...]:
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in _forward_parameters(module_class) if p.kind in kinds]
+    return tuple(p.name for p in _parameters_after_self(forward) if p.kind in kinds)
 
 
 def _signature_class(module: nn.Module) -> type:
