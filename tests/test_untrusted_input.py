@@ -311,9 +311,10 @@ def test_a_users_readme_is_kept(tmp_path):
 
 def test_hf_vpts_own_card_is_rewritten(tmp_path):
     folder = _saved("vpt", tmp_path / "a")
-    assert "written by hf_vpt" in (folder / "README.md").read_text()
+    assert "visual-prompt" in (folder / "README.md").read_text()
     _trained("gated").save_pretrained(folder)
-    assert "Gated" in (folder / "README.md").read_text() or "gated" in (folder / "README.md").read_text()
+    text = (folder / "README.md").read_text()
+    assert "gated-prompt" in text and "visual-prompt" not in text and "written by hf_vpt" in text
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", "\xff\xfe"])
