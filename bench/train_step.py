@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 import weakref
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -46,20 +47,37 @@ from torch.utils._pytree import tree_flatten
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = [
-    "full fine-tuning",
-    "linear probing",
-    "LoRA r=8 (q, v)",
-    "VPT-shallow p=10",
-    "VPT-shallow p=50",
-    "VPT-deep p=10",
-    "VPT-deep p=50",
-    "VPT-deep p=10, concatenation",
-    "plain PyTorch VPT-deep p=10, concatenation",
-    "plain PyTorch VPT-deep p=10, key/value prefix",
-    "gated p=10",
-    "APT p=10",
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the table: a registry training variant (`hf_vpt.registry.training_variant`) with this
+    benchmark's prompt count and config fields, or (`plain`) the deep-prompt forward written out in PyTorch."""
+
+    label: str  # the row's name in the table, the JSON and --methods
+    variant: str | None = None
+    num_prompt_tokens: int = 10
+    overrides: tuple = ()  # (field, value) pairs for the variant's config
+    optimizer: str = "sgd"  # as the table was measured: AdamW for full fine-tuning and LoRA, SGD + momentum otherwise
+    plain: str | None = None  # "concatenation" or "prefix": PlainDeepVPT instead of a registry variant
+
+
+SETTINGS = [
+    Setting("full fine-tuning", "full", optimizer="adamw"),
+    Setting("linear probing", "linear"),
+    Setting("LoRA r=8 (q, v)", "lora", overrides=(("r", 8),), optimizer="adamw"),
+    Setting("VPT-shallow p=10", "vpt_shallow", 10),
+    Setting("VPT-shallow p=50", "vpt_shallow", 50),
+    Setting("VPT-deep p=10", "vpt_deep", 10),
+    Setting("VPT-deep p=50", "vpt_deep", 50),
+    Setting("VPT-deep p=10, concatenation", "vpt_deep", 10, overrides=(("kv_prefix", False),)),
+    Setting("plain PyTorch VPT-deep p=10, concatenation", plain="concatenation"),
+    Setting("plain PyTorch VPT-deep p=10, key/value prefix", plain="prefix"),
+    Setting("gated p=10", "gated", 10),
+    Setting("APT p=10", "apt", 10),
 ]
+SETTINGS_BY_LABEL = {setting.label: setting for setting in SETTINGS}
+METHODS = [setting.label for setting in SETTINGS]
 
 
 def build_base(layers: int, attn_implementation: str | None = None):
@@ -125,45 +143,40 @@ class PlainDeepVPT(torch.nn.Module):
 
 
 def make_model(method: str, layers: int, attn_implementation: str | None = None):
-    """(model, forward(pixels) -> logits, optimiser). The plain-PyTorch forward always calls SDPA."""
-    from peft import LoraConfig, get_peft_model
+    """(model, forward(pixels) -> logits, optimiser) for the row `method` (a `Setting` label). The plain-PyTorch
+    forward always calls SDPA."""
+    from peft import get_peft_model
 
-    import hf_vpt
+    import hf_vpt  # noqa: F401  (registers the methods with PEFT)
+    from hf_vpt.registry import training_variant
 
+    if method not in SETTINGS_BY_LABEL:
+        raise ValueError(f"No benchmark row {method!r}; choose from {METHODS}.")
+    setting = SETTINGS_BY_LABEL[method]
     base = build_base(layers, attn_implementation)
-    head = ["classifier"]
-    if method.startswith("plain PyTorch"):
-        model = PlainDeepVPT(base, 10, prefix="prefix" in method)
+    if setting.plain is not None:
+        model = PlainDeepVPT(base, setting.num_prompt_tokens, prefix=setting.plain == "prefix")
         params = [model.prompts, *model.classifier.parameters()]
         return model, model, torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    if method == "full fine-tuning":
-        return base, lambda x: base(pixel_values=x).logits, torch.optim.AdamW(base.parameters(), lr=1e-4)
-    if method == "linear probing":
-        base.requires_grad_(False)
-        base.classifier.requires_grad_(True)
+    variant = training_variant(setting.variant)
+    if variant.trains == "all":
         model = base
-    elif method.startswith("LoRA"):
-        model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], modules_to_save=head))
+    elif variant.trains == "head":
+        model = base.requires_grad_(False)
+        model.classifier.requires_grad_(True)
     else:
-        p = int(method.split("p=")[1].split(",")[0])
-        if method.startswith("VPT"):
-            config = hf_vpt.VisualPromptConfig(
-                num_prompt_tokens=p,
-                depth="shallow" if "shallow" in method else "deep",
-                modules_to_save=head,
-                kv_prefix="concatenation" not in method,
-            )
-        elif method.startswith("gated"):
-            config = hf_vpt.GatedPromptConfig(num_prompt_tokens=p, modules_to_save=head)
-        else:
-            config = hf_vpt.ApproxPromptConfig(num_prompt_tokens=p, modules_to_save=head)
+        config = variant.build_config(
+            base,
+            num_prompt_tokens=setting.num_prompt_tokens,
+            head_modules=["classifier"],
+            **dict(setting.overrides),
+        )
         model = get_peft_model(base, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (
-        torch.optim.AdamW(params, lr=1e-4)
-        if method.startswith("LoRA")
-        else torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    )
+    if setting.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+    else:
+        optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     return model, lambda x: model(pixel_values=x).logits, optimizer
 
 

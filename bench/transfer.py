@@ -17,10 +17,12 @@ Protocol
   `linear` (only the head; trained on precomputed features, the classifier's exact input, which is mathematically
   the same as training the head inside the frozen model), `vpt_shallow` and `vpt_deep` (`hf_vpt.VisualPromptConfig`,
   p=10), `gated` (`hf_vpt.GatedPromptConfig`, p=10, gate_init 5), `apt` (`hf_vpt.ApproxPromptConfig`, p=10,
-  rank 4), `lora` (`peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])`), and `full` fine-tuning (every
-  parameter). All PEFT methods go through `peft.get_peft_model`.
-* Training: AdamW (weight decay 0.01), batch 32, linear warm-up over the first epoch then cosine decay to 0 (stepped
-  per batch), cross-entropy, last-epoch accuracy. The learning rate of every method (and backbone) is chosen on
+  rank 4), `lora` (PEFT's LoRA, r=8 on the attention's query and value projections, found by structure), and
+  `full` fine-tuning (every parameter). The configs come from `hf_vpt.registry` (`training_variant(name)`) with
+  the sizes above; all PEFT methods go through `peft.get_peft_model`.
+* Training: the recipes' shared loop (`recipes/_common.train_loop`), AdamW (weight decay 0.01), batch 32,
+  `transformers`' linear warm-up over the first epoch then cosine decay to 0 (stepped per batch), cross-entropy,
+  last-epoch accuracy. The learning rate of every method (and backbone) is chosen on
   val200 after training on train800 with the first seed (ties go to the smaller lr); then each seed retrains on all
   1000 images with that lr and is evaluated once on the 797 test images. Nothing is chosen on the test set.
 * Measured per run: test accuracy; trainable parameters; adapter file size (`save_pretrained`, size of
@@ -57,6 +59,7 @@ import contextlib
 import copy
 import ctypes
 import fcntl
+import functools
 import gc
 import json
 import math
@@ -67,6 +70,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 
@@ -79,30 +83,24 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from transformers import AutoImageProcessor, ViTForImageClassification  # noqa: E402
 
 import hf_vpt  # noqa: E402
+from hf_vpt.registry import training_variant  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO_ROOT))
+from recipes import _common  # noqa: E402  (the recipes' shared training loop)
+
+
 DEFAULT_WEIGHTS_DIR = REPO_ROOT.parent / "shared" / "weights"
 DEFAULT_BACKBONES = ("vit-tiny-patch16-224-augreg", "deit-tiny-patch16-224")
+# Registry names (`hf_vpt.registry.training_variant`), in table order.
 METHODS = ("linear", "vpt_shallow", "vpt_deep", "gated", "apt", "lora", "full")
-TITLES = {
-    "linear": "linear probing",
-    "vpt_shallow": "VPT-shallow (p=10)",
-    "vpt_deep": "VPT-deep (p=10)",
-    "gated": "gated prompts (p=10)",
-    "apt": "APT (p=10, r=4)",
-    "lora": "LoRA (r=8, q/v)",
-    "full": "full fine-tuning",
-}
-# The public config each method needs; a method whose config the installed hf_vpt lacks is reported as missing.
-REQUIRED_API = {"vpt_shallow": "VisualPromptConfig", "vpt_deep": "VisualPromptConfig", "gated": "GatedPromptConfig"}
-REQUIRED_API["apt"] = "ApproxPromptConfig"
 # AdamW learning-rate grids, searched on train800 -> val200.
 LR_GRIDS = {
     "linear": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
@@ -127,6 +125,8 @@ NUM_PROMPTS = 10
 GATE_INIT = 5.0
 APT_RANK = 4
 LORA_RANK = 8
+# This benchmark's settings for the registry's config builders (its protocol, not the methods' defaults).
+CONFIG_OVERRIDES = {"gated": {"gate_init": GATE_INIT}, "apt": {"rank": APT_RANK}, "lora": {"r": LORA_RANK}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,26 +238,41 @@ class PeakRSS:
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
-def missing_api(method: str) -> str | None:
-    name = REQUIRED_API.get(method)
-    if name and not hasattr(hf_vpt, name):
-        return f"hf_vpt.{name} is not in the installed hf_vpt (hf_vpt {hf_vpt.__version__}); method not run"
-    return None
+def adapter_config(method: str, model):
+    """The PEFT config of an adapter method, from the registry, with this benchmark's settings; None for linear
+    probing and full fine-tuning."""
+    variant = training_variant(method)
+    if variant.build_config is None:
+        return None
+    return variant.build_config(
+        model, num_prompt_tokens=NUM_PROMPTS, head_modules=["classifier"], **CONFIG_OVERRIDES.get(method, {})
+    )
 
 
-def peft_config(method: str):
-    save = ["classifier"]
-    if method == "vpt_shallow":
-        return hf_vpt.VisualPromptConfig(num_prompt_tokens=NUM_PROMPTS, depth="shallow", modules_to_save=save)
-    if method == "vpt_deep":
-        return hf_vpt.VisualPromptConfig(num_prompt_tokens=NUM_PROMPTS, depth="deep", modules_to_save=save)
-    if method == "gated":
-        return hf_vpt.GatedPromptConfig(num_prompt_tokens=NUM_PROMPTS, gate_init=GATE_INIT, modules_to_save=save)
-    if method == "apt":
-        return hf_vpt.ApproxPromptConfig(num_prompt_tokens=NUM_PROMPTS, rank=APT_RANK, modules_to_save=save)
-    if method == "lora":
-        return LoraConfig(r=LORA_RANK, target_modules=["q_proj", "v_proj"], modules_to_save=save)
-    raise ValueError(method)
+def method_title(method: str) -> str:
+    """The registry's title plus this run's sizes, read from the config: "VPT-deep (p=10)", "LoRA (r=8, q_proj/v_proj)"."""
+    variant = training_variant(method)
+    if variant.build_config is None:
+        return variant.title
+    config = adapter_config(method, _title_probe())
+    details = []
+    if hasattr(config, "num_prompt_tokens"):
+        details.append(f"p={config.num_prompt_tokens}")
+    rank = getattr(config, "rank", None) or getattr(config, "r", None)
+    if rank:
+        details.append(f"r={rank}")
+    targets = getattr(config, "target_modules", None)
+    if targets:
+        details.append("/".join(sorted(targets)))
+    return f"{variant.title} ({', '.join(details)})" if details else variant.title
+
+
+@functools.cache
+def _title_probe():
+    """A tiny ViT of the benchmark's family, for reading a config's sizes (LoRA's targets are found on a model)."""
+    from hf_vpt.testing_utils import tiny_vit
+
+    return tiny_vit()
 
 
 def fresh_head(base: ViTForImageClassification, seed: int) -> torch.nn.Linear:
@@ -277,61 +292,79 @@ def build_model(method: str, base: ViTForImageClassification, seed: int):
     model.classifier = fresh_head(base, seed)
     model.config.num_labels = 10
     torch.manual_seed(seed)  # prompt / LoRA initialisation
-    if method == "full":
+    trains = training_variant(method).trains
+    if trains == "all":
         model.requires_grad_(True)
-    elif method == "linear":
+    elif trains == "head":
         model.requires_grad_(False)
         model.classifier.requires_grad_(True)
     else:
-        model = get_peft_model(model, peft_config(method))
+        model = get_peft_model(model, adapter_config(method, model))
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params
 
 
 def adapter_bytes(method: str, model) -> tuple[int, str]:
     with tempfile.TemporaryDirectory() as tmp:
-        if method == "linear":
+        if training_variant(method).trains == "head":
             path = os.path.join(tmp, "head.safetensors")
             save_file({k: v.contiguous() for k, v in model.classifier.state_dict().items()}, path)
             return os.path.getsize(path), "head.safetensors (classifier only)"
         model.save_pretrained(tmp)
-        name = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+        name = "model.safetensors" if training_variant(method).trains == "all" else "adapter_model.safetensors"
         return os.path.getsize(os.path.join(tmp, name)), name
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
-def fit(forward, params, x, y, lr, epochs, batch_size, seed, weight_decay):
-    """AdamW, linear warm-up over the first epoch, cosine to 0; per-batch steps. Returns the mean train loss of the last epoch."""
+class Diverged(Exception):
+    """The training loss stopped being finite: the run ends there and is scored as it is (lr search)."""
+
+
+def fit(module, forward, params, x, y, lr, epochs, batch_size, seed, weight_decay):
+    """AdamW, linear warm-up over the first epoch, cosine to 0, through the recipes' loop (`_common.train_loop`);
+    the batches are drawn by a generator seeded with `seed`. `module` owns `params` (the model, or the head alone
+    for linear probing); `forward(x)` gives logits. Returns the mean training loss of the last epoch (NaN if the
+    loss diverged, which stops the run)."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    accelerator = Accelerator(cpu=True)
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(x) / batch_size)
     total = epochs * steps_per_epoch
-    warmup = min(steps_per_epoch, total)
+    scheduler = transformers.get_scheduler(
+        "cosine", optimizer, num_warmup_steps=min(steps_per_epoch, total), num_training_steps=total
+    )
+    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    losses = []  # (loss, batch size) of every step
 
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    def loss_fn(batch):
+        inputs, labels = batch
+        loss = F.cross_entropy(forward(inputs), labels)
+        losses.append((loss.item(), len(labels)))
+        return loss
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    generator = torch.Generator().manual_seed(seed)
-    epoch_loss = float("nan")
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        total_loss = 0.0
-        for start in range(0, len(x), batch_size):
-            batch = order[start : start + batch_size]
-            loss = F.cross_entropy(forward(x[batch]), y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item() * len(batch)
-        epoch_loss = total_loss / len(x)
-        if not math.isfinite(epoch_loss):
-            break
-    return epoch_loss
+    def stop_if_diverged(step):
+        if not math.isfinite(losses[-1][0]):
+            raise Diverged
+
+    args = types.SimpleNamespace(
+        max_train_steps=total, gradient_accumulation_steps=1, output_dir=tempfile.gettempdir(),
+        logging_steps=total, disable_tqdm=True,
+    )  # fmt: skip
+    try:
+        _common.train_loop(accelerator, args, module, optimizer, scheduler, loader, loss_fn, on_step=stop_if_diverged)
+    except Diverged:
+        return float("nan")
+    finally:
+        accelerator.free_memory()
+    last = losses[-steps_per_epoch:]
+    return sum(loss * n for loss, n in last) / sum(n for _, n in last)
 
 
 @torch.no_grad()
@@ -375,14 +408,13 @@ class Runner:
     def run(self, method, lr, seed, train_idx, eval_idx, measure=False):
         args = self.args
         model, params = build_model(method, self.base, seed)
-        model.train()
-        if method == "linear":
-            features = self.features()
-            inputs = features
-            head = model.classifier
+        head_only = training_variant(method).trains == "head"
+        trained = model.classifier if head_only else model
+        if head_only:  # the head alone, on the precomputed features (its exact input)
+            inputs = self.features()
 
             def forward(batch):
-                return head(batch)
+                return trained(batch)
 
         else:
             inputs = self.pixels
@@ -394,11 +426,12 @@ class Runner:
         wall, cpu = time.perf_counter(), time.process_time()
         with PeakRSS() as memory:
             final_loss = fit(
-                forward, params, x_train, y_train, lr, args.epochs, args.batch_size, seed, args.weight_decay
-            )
+                trained, forward, params, x_train, y_train, lr, args.epochs,
+                args.batch_size, seed, args.weight_decay,
+            )  # fmt: skip
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak = memory.delta_mib
-        if method == "linear":  # the head needs the features of its training images; count their extraction
+        if head_only:  # the head needs the features of its training images; count their extraction
             wall += self.feature_time[0] * len(train_idx)
             cpu += self.feature_time[1] * len(train_idx)
             peak = max(peak, self.feature_peak_mib)
@@ -417,7 +450,7 @@ class Runner:
         if measure:
             result["trainable_params"] = sum(p.numel() for p in params)
             result["adapter_bytes"], result["adapter_file"] = adapter_bytes(method, model)
-            if method == "gated":
+            if isinstance(getattr(model, "peft_config", {}).get("default"), hf_vpt.GatedPromptConfig):
                 gates = hf_vpt.gate_values(model)
                 result["gates"] = [row["gate"] for row in gates if row["gate"] is not None]
                 result["temperatures"] = [row["temperature"] for row in gates]
@@ -443,13 +476,13 @@ def markdown_table(results: dict) -> str:
                 continue
             m = entry["methods"][method]
             if m.get("status") != "ok":
-                lines.append(f"| {backbone} | {TITLES[method]} | {m.get('status')} | | | | | | |")
+                lines.append(f"| {backbone} | {method_title(method)} | {m.get('status')} | | | | | | |")
                 continue
             runs = m["runs"]
             val = m["lr_search"].get(f"{m['lr']:g}") if m.get("lr_search") else None
             lr_text = f"{m['lr']:g}" + (f" ({100 * val:.1f})" if val is not None else " (fixed)")
             lines.append(
-                f"| {backbone} | {TITLES[method]} | {100 * m['test_acc_mean']:.1f} ± {100 * m['test_acc_std']:.1f} "
+                f"| {backbone} | {method_title(method)} | {100 * m['test_acc_mean']:.1f} ± {100 * m['test_acc_std']:.1f} "
                 f"({len(runs)}) | {lr_text} | {runs[0]['trainable_params']:,} | {human_bytes(runs[0]['adapter_bytes'])} | "
                 f"{statistics.mean(r['train_time_s'] for r in runs):.0f} | "
                 f"{statistics.mean(r['train_cpu_time_s'] for r in runs):.0f} | "
@@ -593,7 +626,6 @@ def run_benchmark(args) -> dict:
         },
         cpu=platform.processor() or platform.machine(),
         cpu_count=os.cpu_count(),
-        hf_vpt_api={name: hasattr(hf_vpt, name) for name in sorted(set(REQUIRED_API.values()))},
     )
     store = Store(Path(args.output))
     previous = store.read() if args.resume else None
@@ -616,11 +648,6 @@ def run_benchmark(args) -> dict:
             "image_std": list(processor.image_std),
         }
         for method in methods:
-            problem = missing_api(method)
-            if problem:
-                print(f"[{backbone}] {method}: MISSING - {problem}", flush=True)
-                store.put(settings, backbone, meta, method, {"status": f"missing: {problem}"})
-                continue
             old = reusable(previous, backbone, method, settings)
             record = {"status": "running", "settings": dict(settings), "lr_search": None, "runs": []}
             if args.lr_grid_search:

@@ -19,9 +19,26 @@ from .tuners.gated_prompt import GatedPromptConfig, GatedPromptModel, gate_value
 from .tuners.generative_prompt import GenerativePromptConfig, GenerativePromptModel
 
 
+# After the methods: the baselines (linear probing, LoRA, full fine-tuning) complete the registry's training variants.
+from . import baselines as _baselines  # noqa: E402, F401  isort: skip
+
+
 __version__ = "0.1.0"
 
 _adapter_io.install()  # safetensors-only, all-or-nothing adapter I/O through PEFT's entry points
+
+# Submodules with heavy dependencies (the FID network, numpy/scipy statistics, samplers) load on first use, so that
+# `import hf_vpt` stays as fast as registering the methods.
+_LAZY_SUBMODULES = ("metrics", "sampling")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'hf_vpt' has no attribute {name!r}")
+
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",

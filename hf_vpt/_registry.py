@@ -3,6 +3,8 @@
 PEFT's `register_peft_method` only accepts names that already exist in `PeftType`, and PEFT has no plugin
 discovery, so `import hf_vpt` adds the members and registers every method. Members are created with
 name == value (upper case): PEFT looks mappings up with the raw string read from `adapter_config.json`.
+Methods do not call this module themselves: their folder's one `hf_vpt.registry.register(MethodSpec(...))` line
+does, and records everything else hf_vpt knows about the method.
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ def deep_prompt_flops(
     return num_layers * batch_size * per_sample
 
 
-def _intermediate_size(tower: Tower) -> int:
+def mlp_width(tower: Tower) -> int:
+    """The MLP width of a tower's blocks (for `deep_prompt_flops`)."""
     config = tower.config
     size = getattr(config, "intermediate_size", None)
     if size is None:  # Dinov2 spells it as a ratio
@@ -68,51 +69,34 @@ def _intermediate_size(tower: Tower) -> int:
 def extra_forward_flops(
     model, config, seq_len: int | dict[str, int], batch_size: int = 1, mode: str = "concat"
 ) -> int:
-    """Extra forward FLOPs of the prompt adapter `config` on `model` (a base model or a PeftModel).
+    """Extra forward FLOPs of the adapter `config` on `model` (a base model or a PeftModel).
+
+    The formula is the method's own (`MethodSpec.flops` in `hf_vpt.registry`); a method without one raises.
 
     Args:
         model: the model the adapter is (or would be) applied to; its prompted towers are found as at injection.
-        config: an `ApproxPromptConfig` or a `VisualPromptConfig`.
+        config: the config of a registered method with a FLOP formula (VPT, gated prompts, APT).
         seq_len: number of tokens each prompted tower processes without prompts (special tokens included), one int
             for all towers or `{tower kind: length}` (e.g. ViLT-B/32 at 384×384 with 40 text tokens: 40 + 1 + 144).
         batch_size: number of samples per forward.
-        mode: for `VisualPromptConfig`: "concat" (prompts in the sequence, `kv_prefix=False` or where the prefix path
-            is not exact), "shared_kv_prefix" (hf_vpt's exact deep fast path) or "kv_prefix" (the APT paper's baseline).
+        mode: for prompts in the sequence: "concat" (prompts in the sequence, `kv_prefix=False` or where the prefix
+            path is not exact), "shared_kv_prefix" (hf_vpt's exact deep fast path) or "kv_prefix" (the APT paper's
+            baseline).
     """
-    from .tuners.approx_prompt import ApproxPromptConfig, ApproxPromptModel
-    from .tuners.visual_prompt import VisualPromptConfig, VisualPromptModel
+    from .registry import find_method_spec, registered_methods
 
-    if isinstance(config, ApproxPromptConfig):
-        kinds = ApproxPromptModel.supported_tower_kinds
-    elif isinstance(config, VisualPromptConfig):
-        kinds = VisualPromptModel.supported_tower_kinds
-    else:
+    spec = find_method_spec(config)
+    if spec is None or spec.flops is None:
+        with_formula = [m.config_cls.__name__ for m in registered_methods() if m.flops is not None]
+        what = f"{spec.title} ({type(config).__name__})" if spec else type(config).__name__
         raise TypeError(
-            f"No FLOP formula for {type(config).__name__}; expected ApproxPromptConfig or VisualPromptConfig."
+            f"No FLOP formula for {what}: its method declares none (`MethodSpec.flops` in hf_vpt.registry). Methods "
+            f"with one: {', '.join(with_formula)}."
         )
+    if mode not in DEEP_PROMPT_MODES:
+        raise ValueError(f"`mode` must be one of {DEEP_PROMPT_MODES}; got {mode!r}.")
     total = 0
-    for tower in select_towers(model, config.towers, kinds):
+    for tower in select_towers(model, config.towers, spec.model_cls.supported_tower_kinds):
         n = seq_len[tower.kind] if isinstance(seq_len, dict) else seq_len
-        if isinstance(config, ApproxPromptConfig):
-            total += approx_prompt_flops(
-                num_layers=len(config.adapted_layers(tower.num_layers)) * len(config.attentions),
-                hidden_size=tower.hidden_size,
-                seq_len=n,
-                num_prompt_tokens=config.num_prompt_tokens,
-                rank=config.rank,
-                batch_size=batch_size,
-            )
-        else:
-            # With concatenation the prompts stay in the sequence through every block (deep or shallow); a
-            # key/value prefix only exists in the blocks that get new prompts.
-            layers = tower.num_layers if mode == "concat" else config.prompt_rows(tower.num_layers)
-            total += deep_prompt_flops(
-                num_layers=layers,
-                hidden_size=tower.hidden_size,
-                intermediate_size=_intermediate_size(tower),
-                seq_len=n,
-                num_prompt_tokens=config.num_prompt_tokens,
-                batch_size=batch_size,
-                mode=mode,
-            )
+        total += spec.flops(tower, config, seq_len=n, batch_size=batch_size, mode=mode)
     return total

@@ -34,6 +34,8 @@ class ArchitectureSpec:
     attention_norm_names: tuple[str, ...] = ("layernorm_before", "norm1", "layer_norm1")
     # the tower's self-attention is causal (CLIP text): inserted prompts become ordinary causal positions
     causal: bool = False
+    # hierarchical window attention (Swin): stages of blocks with patch merging in between, found by `_windowed_tower`
+    windowed: bool = False
 
 
 def _check_vit_mae(config) -> None:
@@ -64,7 +66,23 @@ SUPPORTED_ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec("SigLIP text tower", ("SiglipTextModel", "SiglipTextTransformer"), "text", lambda c: 0),
     # One joint text+image encoder: sequence [text CLS, text, image CLS, patches]; prompts go after the text CLS.
     ArchitectureSpec("ViLT", ("ViltModel",), "multimodal", lambda c: 1),
+    # No CLS token; prompts ride beside the windows (see `hf_vpt.tuners.visual_prompt.swin`). VPT only.
+    ArchitectureSpec("Swin", ("SwinModel",), "vision", lambda c: 0, windowed=True),
 )
+
+# A tuner lists this among its supported tower kinds when it can prompt windowed (Swin) towers.
+WINDOWED = "windowed"
+
+# Architectures hf_vpt recognises and refuses, with the reason (checked before anything is wrapped).
+UNSUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "Swinv2Model": (
+        "Swin V2 is not supported: its blocks normalise after attention and MLP (res-post-norm), attend with scaled "
+        "cosine similarity and get their position bias from a continuous-position MLP, so the VPT-Swin design "
+        "(pre-normed prompts attached to every window with zero position bias, KMnP/vpt's Swin V1 code) has no "
+        "defined counterpart there, and hf_vpt does not invent one. Use a Swin V1 checkpoint (`SwinModel`, "
+        "`SwinForImageClassification`)"
+    ),
+}
 
 
 def supported_architectures_message() -> str:
@@ -107,6 +125,82 @@ class Tower:
 
     def query_projection(self, block: nn.Module) -> nn.Linear:
         return _find_projection(block, self.spec.query_names, "query")
+
+
+@dataclass
+class WindowStage:
+    """One Swin stage: its blocks (tower block indices from `first_block`), their width, the patch merging after it."""
+
+    first_block: int
+    depth: int
+    width: int
+    merging: nn.Module | None
+
+
+@dataclass
+class WindowedTower(Tower):
+    """A hierarchical window-attention tower (Swin): blocks of all stages in order, plus the stage structure."""
+
+    stages: list[WindowStage] = field(default_factory=list)
+    pooler: nn.Module | None = None  # the average pool over tokens behind the final norm (None without pooling layer)
+
+    def stage_of(self, block_index: int) -> int:
+        for index, stage in enumerate(self.stages):
+            if block_index < stage.first_block + stage.depth:
+                return index
+        raise IndexError(block_index)
+
+
+def _windowed_tower(spec: ArchitectureSpec, name: str, root: nn.Module, config) -> WindowedTower:
+    """Swin's stages, found by structure: the one `ModuleList` of `len(depths)` stages, each holding one list of
+    `depths[i]` identical blocks and at most one other module with parameters (the patch merging)."""
+    depths = [int(d) for d in config.depths]
+    candidates = []
+    for list_name, module in root.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) != len(depths):
+            continue
+        inner = []
+        for stage, depth in zip(module, depths):
+            lists = [(n, c) for n, c in stage.named_children() if isinstance(c, nn.ModuleList)]
+            if len(lists) != 1 or len(lists[0][1]) != depth or len({type(b) for b in lists[0][1]}) != 1:
+                break
+            others = [c for c in stage.children() if c is not lists[0][1] and any(True for _ in c.parameters())]
+            if len(others) > 1:
+                break
+            inner.append((lists[0][0], lists[0][1], others[0] if others else None))
+        else:
+            candidates.append((list_name, module, inner))
+    if len(candidates) != 1:
+        raise ValueError(
+            f"Expected exactly one list of {len(depths)} Swin stages with {depths} blocks in {type(root).__name__}, "
+            f"found {len(candidates)}."
+        )
+    list_name, stage_list, inner = candidates[0]
+    prefix = f"{name}.{list_name}" if name else list_name
+    blocks, block_names, stages = [], [], []
+    for index, (blocks_name, stage_blocks, merging) in enumerate(inner):
+        norms = [m for m in stage_blocks[0].modules() if isinstance(m, nn.LayerNorm)]
+        if not norms:
+            raise ValueError(f"Swin stage {index} has no LayerNorm to read its width from.")
+        stages.append(WindowStage(len(blocks), len(stage_blocks), int(norms[0].normalized_shape[0]), merging))
+        block_names += [f"{prefix}.{index}.{blocks_name}.{j}" for j in range(len(stage_blocks))]
+        blocks += list(stage_blocks)
+    pooler = next((c for c in root.children() if isinstance(c, nn.AdaptiveAvgPool1d)), None)
+    return WindowedTower(
+        spec=spec,
+        name=name,
+        root=root,
+        blocks=nn.ModuleList(blocks),  # a view for iteration; the stages still own the blocks
+        block_names=block_names,
+        final_norm=_find_final_norm(root, stage_list),
+        hidden_size=stages[-1].width,
+        num_special_tokens=0,
+        patch_area=_patch_area(config),
+        config=config,
+        attention_layouts=[],  # no key/value-prefix path: the prompts' window outputs are read (averaged)
+        stages=stages,
+        pooler=pooler,
+    )
 
 
 def _find_projection(block: nn.Module, names: tuple[str, ...], role: str) -> nn.Linear:
@@ -165,6 +259,9 @@ def find_towers(model: nn.Module) -> list[Tower]:
             continue
         config = module.config
         spec.check_config(config)
+        if spec.windowed:
+            towers.append(_windowed_tower(spec, name, module, config))
+            continue
         block_list_name, blocks = _find_block_list(module, config.num_hidden_layers)
         prefix = f"{name}.{block_list_name}" if name else block_list_name
         towers.append(
@@ -187,7 +284,19 @@ def find_towers(model: nn.Module) -> list[Tower]:
 
 def select_towers(model: nn.Module, kinds: list[str] | None, supported_kinds: tuple[str, ...]) -> list[Tower]:
     """The towers a method prompts: those of the requested kinds, by default the vision towers if there are any."""
+    for module in model.modules():
+        reason = UNSUPPORTED_ARCHITECTURES.get(type(module).__name__)
+        if reason is not None:
+            raise ValueError(f"{type(model).__name__} contains a {type(module).__name__}. {reason}.")
     found = find_towers(model)
+    windowed = [t for t in found if t.spec.windowed]
+    if windowed and WINDOWED not in supported_kinds:
+        raise ValueError(
+            f"{type(model).__name__} is a {windowed[0].spec.name} model: it attends within shifted windows, and only "
+            "`VisualPromptConfig` can prompt it (prompts attached to every window, as in the official VPT Swin "
+            "code). Gated and approximated prompts are defined for global self-attention; use a ViT-family model "
+            "for them, or VisualPromptConfig on Swin."
+        )
     towers = [t for t in found if t.kind in supported_kinds]
     if not towers and found:
         raise ValueError(
@@ -215,3 +324,46 @@ def select_towers(model: nn.Module, kinds: list[str] | None, supported_kinds: tu
     if len(set(kinds_seen)) != len(kinds_seen):
         raise ValueError(f"{type(model).__name__} has several {kinds_seen[0]} towers; hf_vpt prompts one per kind.")
     return towers
+
+
+def find_towers_of(model: nn.Module, architectures, *, encoder: bool = True) -> list[Tower]:
+    """The towers of the given `architectures` (`ArchitectureSpec`s) inside `model`, outermost first, found by
+    structure exactly as `find_towers` finds the supported encoders: one finder for every architecture table.
+
+    `encoder=False` is for token-generating stacks (hf_vpt.tuners.generative_prompt.layouts): prompts leave at the
+    tower's end rather than at a final norm, there is no patch grid, and no key/value-prefix fast path.
+    """
+    architectures = tuple(architectures)
+    towers: list[Tower] = []
+    for name, module in model.named_modules():
+        spec = next((s for s in architectures if type(module).__name__ in s.root_classes), None)
+        if spec is None or any(name.startswith(t.name + ".") for t in towers if t.name):
+            continue
+        config = module.config
+        spec.check_config(config)
+        block_list_name, blocks = _find_block_list(module, _config_int(config, "num_hidden_layers"))
+        prefix = f"{name}.{block_list_name}" if name else block_list_name
+        towers.append(
+            Tower(
+                spec=spec,
+                name=name,
+                root=module,
+                blocks=blocks,
+                block_names=[f"{prefix}.{i}" for i in range(len(blocks))],
+                final_norm=_find_final_norm(module, blocks) if encoder else None,
+                hidden_size=_config_int(config, "hidden_size"),
+                num_special_tokens=spec.num_special_tokens(config),
+                patch_area=_patch_area(config) if encoder else 1,
+                config=config,
+                attention_layouts=[find_attention_layout(block, spec) for block in blocks] if encoder else [],
+            )
+        )
+    return towers
+
+
+def _config_int(config, name: str) -> int:
+    # transformers configs are objects, diffusers configs (FrozenDict) mappings
+    value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+    if value is None:
+        raise ValueError(f"The model config has no `{name}`; cannot find its transformer blocks.")
+    return int(value)

@@ -22,12 +22,11 @@ images and FID, `--vqvae_name_or_path` (aMUSEd `vqvae`).
     python recipes/generative_transfer.py --model imagegpt
 """
 
-from __future__ import annotations
-
 import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import training  # noqa: E402
 
 import hf_vpt  # noqa: E402
 from hf_vpt.sampling import autoregressive_sample, maskgit_sample  # noqa: E402
@@ -47,36 +47,46 @@ from hf_vpt.tuners.generative_prompt.objectives import maskgit_loss, next_token_
 
 TINY_GRID = 4
 TINY_CODEBOOK = 16
+# The registry's variants of class-conditional generative prompts.
+METHODS = tuple(v.name for v in hf_vpt.registry.training_variants() if v.method == "generative_prompt")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_common_args(parser, output_dir="outputs/generative_transfer", learning_rate=1e-2, max_train_steps=20)
-    group = parser.add_argument_group("generative transfer")
-    group.add_argument("--model", default="uvit", choices=["uvit", "imagegpt"])
-    group.add_argument("--model_name_or_path", default=None)
-    group.add_argument("--subfolder", default=None)
-    group.add_argument("--vqvae_name_or_path", default=None, help="uvit: the VQModel decoding the tokens.")
-    group.add_argument("--vqvae_subfolder", default=None)
-    group.add_argument("--token_file", default=None, help='torch file with "tokens" [N, H, W] and "labels" [N].')
-    group.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None, help="Default: no data given.")
-    group.add_argument("--num_classes", type=int, default=None, help="Default: from the labels (tiny: 4).")
-    group.add_argument("--tiny_samples", type=int, default=64)
-    group.add_argument("--num_prompt_tokens", type=int, default=None, help="Default: 4 (tiny) or 32.")
-    group.add_argument("--samples_per_class", type=int, default=4, help="Per evaluation, for the grid and FID.")
-    group.add_argument("--sampling_steps", type=int, default=8, help="uvit: MaskGIT decoding steps.")
-    group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--skip_fid", action=argparse.BooleanOptionalAction, default=None, help="Default: --tiny.")
-    return parser
+@dataclass
+class GenerativeArguments:
+    model: str = field(default="uvit", metadata={"help": "The generator.", "choices": ["uvit", "imagegpt"]})
+    method: str = field(default="generative", metadata={"help": "What trains.", "choices": list(METHODS)})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A UVit2DModel or ImageGPT checkpoint."})
+    subfolder: str | None = None
+    vqvae_name_or_path: str | None = field(default=None, metadata={"help": "uvit: the VQModel decoding the tokens."})
+    vqvae_subfolder: str | None = None
+    token_file: str | None = field(default=None, metadata={"help": 'torch file: "tokens" [N, H, W], "labels" [N].'})
+    tiny: bool = field(
+        default=False, metadata={"help": "Tiny random models, synthetic tokens (also when no data is given)."}
+    )
+    num_classes: int | None = field(default=None, metadata={"help": "Default: from the labels (tiny: 4)."})
+    tiny_samples: int = 64
+    num_prompt_tokens: int | None = field(default=None, metadata={"help": "Default: 4 (tiny) or 32."})
+    samples_per_class: int = field(default=4, metadata={"help": "Per evaluation, for the grid and FID."})
+    sampling_steps: int = field(default=8, metadata={"help": "uvit: MaskGIT decoding steps."})
+    temperature: float = 1.0
+    skip_fid: bool | None = field(default=None, metadata={"help": "Default: --tiny."})
+
+
+@dataclass
+class GenerativeTrainingArguments(training.TrainingArguments):
+    output_dir: str = "outputs/generative_transfer"
+    per_device_train_batch_size: int = 4
+    max_train_steps: int | None = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = _common.parse_args_with_config(parser, argv, "recipes/generative_transfer.py")
-    if args.tiny is None:
-        args.tiny = args.token_file is None
+    parsed = training.parse_recipe_args(
+        (GenerativeArguments, GenerativeTrainingArguments), argv, "recipes/generative_transfer.py"
+    )
+    args = training.merged(*parsed)
+    args.tiny = args.tiny or args.token_file is None
     if not args.tiny and not (args.token_file and args.model_name_or_path):
-        parser.error("Without --tiny give --token_file and --model_name_or_path.")
+        raise SystemExit("Without --tiny give --token_file and --model_name_or_path.")
     if args.skip_fid is None:
         args.skip_fid = args.tiny
     args.num_prompt_tokens = args.num_prompt_tokens or (4 if args.tiny else 32)
@@ -217,14 +227,17 @@ def fid_available() -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator = _common.make_accelerator(args)
+    accelerator = training.make_accelerator(args)
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     set_seed(args.seed)
     tokens, labels = load_tokens(args)
     num_classes = args.num_classes or int(labels.max()) + 1
     grid = tuple(tokens.shape[1:])
     model, vqvae, palette, special_id = build_models(args)
-    config = hf_vpt.GenerativePromptConfig(num_prompt_tokens=args.num_prompt_tokens, num_classes=num_classes)
+    variant = training.training_variant(args.method)
+    config = variant.build_config(
+        model, num_prompt_tokens=args.num_prompt_tokens, head_modules=[], num_classes=num_classes
+    )
     base_name = args.model_name_or_path or getattr(model.config, "_name_or_path", None)
     model = get_peft_model(model, config)
     config.base_model_name_or_path = config.base_model_name_or_path or base_name
@@ -238,16 +251,18 @@ def main(argv: list[str] | None = None) -> dict:
         sequences = tokens
     loader = DataLoader(
         TensorDataset(sequences, labels),
-        batch_size=args.train_batch_size,
+        batch_size=args.per_device_train_batch_size,
         shuffle=True,
-        generator=_common.seeded_generator(args.seed),
+        generator=training.seeded_generator(args.seed),
     )
-    optimizer = _common.make_optimizer(model, args, "generative_prompt")
-    scheduler = _common.scheduler_for(accelerator, optimizer, args)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    loader = accelerator.prepare(loader)
+    training.resolve_max_train_steps(args, len(loader))
+    optimizer = training.make_optimizer(model, args, args.method)
+    scheduler = training.make_scheduler(accelerator, optimizer, args)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if vqvae is not None:
         vqvae.to(accelerator.device)
-    _common.init_trackers(accelerator, args, "generative_transfer")
+    training.init_trackers(accelerator, args, "generative_transfer")
     loss_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
     real_images = tokens_to_images(args, tokens[: num_classes * args.samples_per_class], vqvae, palette)
     if not args.skip_fid and not fid_available():
@@ -305,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics["fid"] = frechet_inception_distance(real_images, images)
         return metrics
 
-    metrics, step, finished = _common.train_loop(
+    metrics, step, finished = training.train_loop(
         accelerator, args, model, optimizer, scheduler, loader, loss_fn, evaluate_fn
     )
     results = {"model": args.model, "steps": step, **metrics, "trainable parameters": trainable}

@@ -12,17 +12,16 @@ Data: `--train_data_dir` is an `imagefolder` with a `metadata.jsonl` (`{"file_na
 byte vocabulary written to a temporary folder) and a few synthetic captioned images, offline, in seconds.
 
     python recipes/text_to_image.py
-    accelerate launch recipes/text_to_image.py --pretrained_model_name_or_path <sd-1.5 folder> \
+    accelerate launch recipes/text_to_image.py --model_name_or_path <sd-1.5 folder> \
         --train_data_dir my_images --resolution 512 --method apt
 """
-
-from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import training  # noqa: E402
 
 import hf_vpt  # noqa: E402
 
@@ -41,37 +41,44 @@ import hf_vpt  # noqa: E402
 TINY_SIZE = 32
 TINY_CAPTIONS = ["a red square", "a green square", "a blue square", "a yellow square"]
 TINY_COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 30)]
+# The variants that adapt a CLIP text encoder (hf_vpt.attach_text_encoder_adapter).
+METHODS = tuple(hf_vpt.registry.training_variant(name).name for name in ("apt", "vpt_deep"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_common_args(parser, output_dir="outputs/text_to_image", learning_rate=1e-3, max_train_steps=20)
-    group = parser.add_argument_group("text to image")
-    group.add_argument("--method", default="apt", choices=["apt", "vpt_deep"])
-    group.add_argument("--num_prompt_tokens", type=int, default=None, help="Default: 4 (tiny) or 50.")
-    group.add_argument("--rank", type=int, default=4)
-    group.add_argument("--pretrained_model_name_or_path", default=None)
-    group.add_argument("--train_data_dir", default=None, help="imagefolder with metadata.jsonl.")
-    group.add_argument("--dataset_name", default=None)
-    group.add_argument("--image_column", default="image")
-    group.add_argument("--caption_column", default="text")
-    group.add_argument("--resolution", type=int, default=None, help="Default: 32 (tiny) or 512.")
-    group.add_argument("--max_train_samples", type=int, default=None)
-    group.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None, help="Default: no data given.")
-    group.add_argument("--validation_prompt", default="a red square")
-    group.add_argument("--num_validation_images", type=int, default=2)
-    group.add_argument("--num_inference_steps", type=int, default=None, help="Default: 2 (tiny) or 30.")
-    return parser
+@dataclass
+class TextToImageArguments:
+    method: str = field(default="apt", metadata={"help": "What trains.", "choices": list(METHODS)})
+    num_prompt_tokens: int | None = field(default=None, metadata={"help": "Default: 4 (tiny) or 50."})
+    rank: int = field(default=4, metadata={"help": "APT: rank of the key map."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A Stable Diffusion pipeline folder."})
+    train_data_dir: str | None = field(default=None, metadata={"help": "imagefolder with metadata.jsonl."})
+    dataset_name: str | None = None
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int | None = field(default=None, metadata={"help": "Default: 32 (tiny) or 512."})
+    max_train_samples: int | None = None
+    tiny: bool = field(default=False, metadata={"help": "Tiny pipeline, synthetic data (also when no data is given)."})
+    validation_prompt: str = "a red square"
+    num_validation_images: int = 2
+    num_inference_steps: int | None = field(default=None, metadata={"help": "Default: 2 (tiny) or 30."})
+
+
+@dataclass
+class TextToImageTrainingArguments(training.TrainingArguments):
+    output_dir: str = "outputs/text_to_image"
+    per_device_train_batch_size: int = 4
+    max_train_steps: int | None = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = _common.parse_args_with_config(parser, argv, "recipes/text_to_image.py")
+    parsed = training.parse_recipe_args(
+        (TextToImageArguments, TextToImageTrainingArguments), argv, "recipes/text_to_image.py"
+    )
+    args = training.merged(*parsed)
     has_data = bool(args.train_data_dir or args.dataset_name)
-    if args.tiny is None:
-        args.tiny = not has_data
-    if not args.tiny and not args.pretrained_model_name_or_path:
-        parser.error("Real data needs --pretrained_model_name_or_path (a Stable Diffusion pipeline).")
+    args.tiny = args.tiny or not has_data
+    if not args.tiny and not args.model_name_or_path:
+        raise SystemExit("Real data needs --model_name_or_path (a Stable Diffusion pipeline folder or Hub id).")
     args.num_prompt_tokens = args.num_prompt_tokens or (4 if args.tiny else 50)
     args.resolution = args.resolution or (TINY_SIZE if args.tiny else 512)
     args.num_inference_steps = args.num_inference_steps or (2 if args.tiny else 30)
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers import StableDiffusionPipeline
 
     args = parse_args(argv)
-    accelerator = _common.make_accelerator(args)
+    accelerator = training.make_accelerator(args)
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     set_seed(args.seed)
     with tempfile.TemporaryDirectory() as workdir:
@@ -204,34 +211,37 @@ def main(argv: list[str] | None = None) -> dict:
             pipe = tiny_pipeline(workdir)
         else:
             pipe = StableDiffusionPipeline.from_pretrained(
-                args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False
+                args.model_name_or_path, safety_checker=None, requires_safety_checker=False
             )
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae):
         module.requires_grad_(False).eval()
-    if args.method == "apt":
-        config = hf_vpt.ApproxPromptConfig(num_prompt_tokens=args.num_prompt_tokens, rank=args.rank)
-    else:
-        config = hf_vpt.VisualPromptConfig(num_prompt_tokens=args.num_prompt_tokens, depth="deep")
+    variant = hf_vpt.registry.training_variant(args.method)
+    overrides = {"rank": args.rank} if variant.accepts("rank") else {}
+    config = variant.build_config(
+        pipe.text_encoder, num_prompt_tokens=args.num_prompt_tokens, head_modules=[], **overrides
+    )
     text_encoder = hf_vpt.attach_text_encoder_adapter(pipe, config)
-    base_name = args.pretrained_model_name_or_path or "tiny-random-stable-diffusion"
+    base_name = args.model_name_or_path or "tiny-random-stable-diffusion"
     config.base_model_name_or_path = base_name
     trainable = _common.trainable_parameters(text_encoder)
     accelerator.print(f"{args.method} on the text encoder of {base_name}: trainable {trainable}")
 
     loader = DataLoader(
         load_records(args),
-        batch_size=args.train_batch_size,
+        batch_size=args.per_device_train_batch_size,
         shuffle=True,
         collate_fn=Collator(pipe.tokenizer, args.resolution),
-        generator=_common.seeded_generator(args.seed),
+        generator=training.seeded_generator(args.seed),
     )
-    optimizer = _common.make_optimizer(text_encoder, args, args.method)
-    scheduler = _common.scheduler_for(accelerator, optimizer, args)
-    text_encoder, optimizer, loader, scheduler = accelerator.prepare(text_encoder, optimizer, loader, scheduler)
+    loader = accelerator.prepare(loader)
+    training.resolve_max_train_steps(args, len(loader))
+    optimizer = training.make_optimizer(text_encoder, args, args.method)
+    scheduler = training.make_scheduler(accelerator, optimizer, args)
+    text_encoder, optimizer, scheduler = accelerator.prepare(text_encoder, optimizer, scheduler)
     pipe.unet.to(accelerator.device)
     pipe.vae.to(accelerator.device)
-    _common.init_trackers(accelerator, args, "text_to_image")
+    training.init_trackers(accelerator, args, "text_to_image")
     noise_scheduler = pipe.scheduler
     scaling = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
     noise_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
@@ -274,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         unwrapped.train()
         return {}
 
-    metrics, step, finished = _common.train_loop(
+    metrics, step, finished = training.train_loop(
         accelerator, args, text_encoder, optimizer, scheduler, loader, loss_fn, evaluate_fn
     )
     results = {"method": args.method, "steps": step, "trainable parameters": trainable}

@@ -23,14 +23,13 @@ vocabulary written to a temporary folder and a synthetic coloured-squares datase
         --dataset_name <vqa dataset> --answer_column answers --max_train_steps 20000
 """
 
-from __future__ import annotations
-
 import argparse
 import collections
 import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,8 +41,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import training  # noqa: E402
 
-import hf_vpt  # noqa: E402
+import hf_vpt  # noqa: E402, F401  (registers the methods with PEFT)
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -51,49 +51,61 @@ TINY_WORDS = ["what", "color", "is", "the", "square", "?", "left", "right", "ima
 TINY_WORDS += list(COLOURS)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TINY_IMAGE_SIZE = 32
+# The variants whose configs adapt ViLT's joint vision-language transformer.
+METHODS = tuple(name for name in ("apt", "vpt_deep") if training.training_variant(name))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_common_args(parser, output_dir="outputs/vision_language", learning_rate=1e-3, max_train_steps=20)
-    group = parser.add_argument_group("vision-language")
-    group.add_argument("--task", default="vqa", choices=["vqa", "nlvr2"])
-    group.add_argument("--method", default="apt", choices=["apt", "vpt_deep"])
-    group.add_argument("--num_prompt_tokens", type=int, default=None, help="Default: 4 (tiny) or 50.")
-    group.add_argument("--rank", type=int, default=4, help="APT rank.")
-    group.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None, help="Default: no data given.")
-    group.add_argument("--tiny_train_samples", type=int, default=32)
-    group.add_argument("--tiny_eval_samples", type=int, default=16)
-    group.add_argument("--model_name_or_path", default=None, help="A ViLT checkpoint (e.g. dandelin/vilt-b32-mlm).")
-    group.add_argument("--dataset_name", default=None)
-    group.add_argument("--dataset_config_name", default=None)
-    group.add_argument("--train_split", default="train")
-    group.add_argument("--eval_split", default="validation")
-    group.add_argument("--train_file", default=None, help="Local JSON / JSON-lines records.")
-    group.add_argument("--eval_file", default=None)
-    group.add_argument("--image_dir", default=".", help="Folder the local image paths are relative to.")
-    group.add_argument("--image_column", default="image", help="vqa: the image column.")
-    group.add_argument("--image_columns", default="images", help="nlvr2: one list column, or two comma-separated.")
-    group.add_argument("--text_column", default=None, help="Default: question (vqa) or sentence (nlvr2).")
-    group.add_argument("--answer_column", default="answers", help="vqa: a list of answers (str or {'answer': str}).")
-    group.add_argument("--label_column", default="label", help="nlvr2: 0/1 or False/True.")
-    group.add_argument("--max_answers", type=int, default=3129, help="vqa: answer vocabulary size (most frequent).")
-    group.add_argument("--max_text_length", type=int, default=None, help="Default: 16 (tiny) or 40.")
-    group.add_argument("--max_train_samples", type=int, default=None)
-    group.add_argument("--max_eval_samples", type=int, default=None)
-    return parser
+@dataclass
+class VisionLanguageArguments:
+    task: str = field(default="vqa", metadata={"help": "vqa or nlvr2.", "choices": ["vqa", "nlvr2"]})
+    method: str = field(default="apt", metadata={"help": "What trains.", "choices": list(METHODS)})
+    num_prompt_tokens: int | None = field(default=None, metadata={"help": "Default: 4 (tiny) or 50."})
+    rank: int = field(default=4, metadata={"help": "APT: rank of the key map."})
+    tiny: bool = field(
+        default=False, metadata={"help": "Tiny random ViLT and synthetic data (also when no data is given)."}
+    )
+    tiny_train_samples: int = 32
+    tiny_eval_samples: int = 16
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A ViLT checkpoint (dandelin/vilt-b32-mlm)."}
+    )
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    train_file: str | None = field(default=None, metadata={"help": "Local JSON / JSON-lines records."})
+    eval_file: str | None = None
+    image_dir: str = field(default=".", metadata={"help": "Folder the local image paths are relative to."})
+    image_column: str = field(default="image", metadata={"help": "vqa: the image column."})
+    image_columns: str = field(default="images", metadata={"help": "nlvr2: one list column, or two comma-separated."})
+    text_column: str | None = field(default=None, metadata={"help": "Default: question (vqa) or sentence (nlvr2)."})
+    answer_column: str = field(default="answers", metadata={"help": "vqa: a list of answers."})
+    label_column: str = field(default="label", metadata={"help": "nlvr2: 0/1 or False/True."})
+    max_answers: int = field(default=3129, metadata={"help": "vqa: answer vocabulary size (most frequent)."})
+    max_text_length: int | None = field(default=None, metadata={"help": "Default: 16 (tiny) or 40."})
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class VisionLanguageTrainingArguments(training.TrainingArguments):
+    output_dir: str = "outputs/vision_language"
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    max_train_steps: int | None = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = _common.parse_args_with_config(parser, argv, "recipes/vision_language.py")
+    parsed = training.parse_recipe_args(
+        (VisionLanguageArguments, VisionLanguageTrainingArguments), argv, "recipes/vision_language.py"
+    )
+    args = training.merged(*parsed)
     has_data = bool(args.dataset_name or args.train_file)
-    if args.tiny is None:
-        args.tiny = not has_data
+    args.tiny = args.tiny or not has_data
     if args.tiny and has_data:
-        parser.error("--tiny builds its own data; drop --dataset_name / --train_file.")
+        raise SystemExit("--tiny builds its own data; drop --dataset_name / --train_file.")
     if not args.tiny and not args.model_name_or_path:
-        parser.error("Real data needs --model_name_or_path (a ViLT checkpoint).")
+        raise SystemExit("Real data needs --model_name_or_path (a ViLT checkpoint).")
     args.num_prompt_tokens = args.num_prompt_tokens or (4 if args.tiny else 50)
     args.max_text_length = args.max_text_length or (16 if args.tiny else 40)
     args.text_column = args.text_column or ("question" if args.task == "vqa" else "sentence")
@@ -313,11 +325,13 @@ def build_model_and_processors(args, labels: list[str], workdir: str):
     return model, tokenizer, image_processor, label2id
 
 
-def peft_config(args):
-    common = {"num_prompt_tokens": args.num_prompt_tokens, "modules_to_save": ["classifier"]}
-    if args.method == "apt":
-        return hf_vpt.ApproxPromptConfig(rank=args.rank, **common)
-    return hf_vpt.VisualPromptConfig(depth="deep", **common)
+def peft_config(model, args):
+    """The registry's config factory of `--method`, with the head trained and saved alongside."""
+    variant = training.training_variant(args.method)
+    overrides = {"rank": args.rank} if variant.accepts("rank") else {}
+    return variant.build_config(
+        model, num_prompt_tokens=args.num_prompt_tokens, head_modules=["classifier"], **overrides
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,7 +362,7 @@ def evaluate_model(accelerator, model, dataloader, task: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator = _common.make_accelerator(args)
+    accelerator = training.make_accelerator(args)
     os.makedirs(args.output_dir, exist_ok=True)
     set_seed(args.seed)
     train_records = load_records(args, "train")
@@ -358,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
         set_seed(args.seed)
         model, tokenizer, image_processor, label2id = build_model_and_processors(args, labels, workdir)
         base_name = args.model_name_or_path or model.config._name_or_path
-        model = get_peft_model(model, peft_config(args))
+        model = get_peft_model(model, peft_config(model, args))
         model.peft_config["default"].base_model_name_or_path = base_name
     trainable = _common.trainable_parameters(model)
     accelerator.print(f"{args.method} on {model.base_model.model.config._name_or_path}: trainable {trainable}")
@@ -366,18 +380,18 @@ def main(argv: list[str] | None = None) -> dict:
     collate = Collator(args, tokenizer, image_processor, label2id)
     train_loader = DataLoader(
         train_records,
-        batch_size=args.train_batch_size,
+        batch_size=args.per_device_train_batch_size,
         shuffle=True,
         collate_fn=collate,
-        generator=_common.seeded_generator(args.seed),
+        generator=training.seeded_generator(args.seed),
     )
-    eval_loader = DataLoader(eval_records, batch_size=args.eval_batch_size, collate_fn=collate)
-    optimizer = _common.make_optimizer(model, args, "vpt_deep" if args.method == "vpt_deep" else "apt")
-    scheduler = _common.scheduler_for(accelerator, optimizer, args)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
-    )
-    _common.init_trackers(accelerator, args, "vision_language")
+    eval_loader = DataLoader(eval_records, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
+    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
+    training.resolve_max_train_steps(args, len(train_loader))
+    optimizer = training.make_optimizer(model, args, args.method)
+    scheduler = training.make_scheduler(accelerator, optimizer, args)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    training.init_trackers(accelerator, args, "vision_language")
 
     def loss_fn(batch):
         return model(**batch).loss
@@ -385,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate_fn(step):
         return evaluate_model(accelerator, model, eval_loader, args.task) if eval_records else {}
 
-    metrics, step, finished = _common.train_loop(
+    metrics, step, finished = training.train_loop(
         accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate_fn
     )
     results = {"method": args.method, "task": args.task, "steps": step, **metrics, "trainable parameters": trainable}

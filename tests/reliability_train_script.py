@@ -1,38 +1,35 @@
-"""A tiny prompt-tuning run with `accelerate` checkpoints, driven by `tests/test_reliability_crash_resume.py`.
+"""A tiny prompt-tuning run through the recipes' shared loop (`recipes/training.py`), driven by
+`tests/test_reliability_crash_resume.py`.
 
 Not a test module: the test runs it as `python tests/reliability_train_script.py --workdir DIR [...]` so that it
 can be killed with SIGKILL and resumed in a fresh process. The run trains VPT-deep prompts (with prompt dropout,
 so the torch RNG matters) and the classifier head of a tiny random ViT on a fixed random data set, shuffled every
-epoch, on the CPU in float32.
+epoch, on the CPU in float32, with `training.train_loop`.
 
-- Every `--save-every` steps it writes `accelerator.save_state` into `DIR/checkpoints/step_<n>`: first into a
-  temporary folder, then renamed, so a process killed while saving never leaves a half-written checkpoint behind.
-  The state holds the model, the optimizer, the scheduler, the RNG states and the step counter (a registered
-  object), which gives the position in the data loader.
-- `--crash-at-step k` makes step k stop after its backward pass (before the optimizer step), write
-  `DIR/crashed_at_step_<k>` and sleep until the process is killed.
-- `--resume` loads the newest complete checkpoint, skips the batches of the interrupted epoch that were already
-  trained on, and trains to the end.
+- Every `--save-every` steps the loop writes `DIR/checkpoint-<n>` (`training.save_checkpoint`: the trainable
+  tensors, optimizer, scheduler and RNG states, then training_state.json last, so a process killed while saving
+  never leaves a checkpoint that looks complete).
+- `--crash-at-step k` makes step k stop in its forward pass (before the backward pass and the optimizer step),
+  write `DIR/crashed_at_step_<k>` and sleep until the process is killed.
+- `--resume` continues from the newest complete checkpoint (`--resume_from_checkpoint latest`).
 - At the end it writes `DIR/final.safetensors` (every trainable tensor) and `DIR/log.json` (per step: the sample
   indices of the batch and the loss, as a hex float).
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os
-import re
-import shutil
+import sys
 import time
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
 
 import torch  # noqa: E402
+import training  # noqa: E402
 import transformers  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import DataLoaderConfiguration, set_seed  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -45,19 +42,6 @@ DATA_SEED = 99
 NUM_SAMPLES = 10
 BATCH_SIZE = 2  # 5 batches per epoch
 NUM_LABELS = 4
-
-
-class Progress:
-    """The number of optimizer steps done; saved with every checkpoint (`register_for_checkpointing`)."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
 
 
 def build_model() -> torch.nn.Module:
@@ -89,21 +73,6 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def latest_checkpoint(folder: str) -> str | None:
-    """The newest complete checkpoint (`step_<n>`; a `step_<n>.partial` left by a crash while saving is ignored)."""
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    steps = [int(match.group(1)) for name in names if (match := re.fullmatch(r"step_(\d+)", name))]
-    return os.path.join(folder, f"step_{max(steps)}") if steps else None
-
-
-def save_checkpoint(accelerator: Accelerator, folder: str, step: int) -> None:
-    final = os.path.join(folder, f"step_{step}")
-    partial = final + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    accelerator.save_state(partial)
-    os.replace(partial, final)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
@@ -111,67 +80,58 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=3)
     parser.add_argument("--crash-at-step", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
-    args = parser.parse_args()
+    options = parser.parse_args()
 
     torch.set_num_threads(1)  # the same kernels and reduction order in every process
     torch.use_deterministic_algorithms(True)
+    args = training.TrainingArguments(
+        output_dir=options.workdir,
+        seed=SEED,
+        max_train_steps=options.steps,
+        checkpointing_steps=options.save_every,
+        resume_from_checkpoint="latest" if options.resume else None,
+        optimizer="adamw",
+        learning_rate=0.05,
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        mixed_precision="no",
+        disable_tqdm=True,
+    )
+    accelerator = training.make_accelerator(args)
     set_seed(SEED)
-    checkpoints = os.path.join(args.workdir, "checkpoints")
-    os.makedirs(checkpoints, exist_ok=True)
-
     model = build_model()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.1 * step))
-    # The loader has its own generator, so creating an iterator does not draw from the global torch RNG (the
-    # dropout masks depend on it); the seedable sampler shuffles every epoch from `data_seed + epoch`.
+    optimizer = training.make_optimizer(model, args, "vpt_deep")
+    scheduler = training.make_scheduler(accelerator, optimizer, args)
     loader = DataLoader(
-        build_data(), batch_size=BATCH_SIZE, shuffle=True, generator=torch.Generator().manual_seed(DATA_SEED)
+        build_data(), batch_size=BATCH_SIZE, shuffle=True, generator=training.seeded_generator(DATA_SEED)
     )
-    accelerator = Accelerator(
-        cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=DATA_SEED)
-    )
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if not options.resume:
+        save_file(trainable_state(model), os.path.join(options.workdir, "initial.safetensors"))
 
-    if args.resume:
-        checkpoint = latest_checkpoint(checkpoints)
-        if checkpoint is None:
-            raise SystemExit(f"--resume: no complete checkpoint in {checkpoints}")
-        accelerator.load_state(checkpoint)
-    else:
-        save_file(trainable_state(model), os.path.join(args.workdir, "initial.safetensors"))
-
+    latest = training.latest_checkpoint(options.workdir) if options.resume else None
+    progress = {"step": training.resume_step(latest) if latest else 0, "pending": None}
     log: dict[str, dict] = {}
-    model.train()
-    batches_per_epoch = len(loader)
-    while progress.step < args.steps:
-        epoch, done_in_epoch = divmod(progress.step, batches_per_epoch)
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
-        for indices, images, labels in batches:
-            step = progress.step + 1
-            logits = model(pixel_values=images).logits
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-            accelerator.backward(loss)
-            if step == args.crash_at_step:
-                marker = os.path.join(args.workdir, f"crashed_at_step_{step}")
-                with open(marker, "w") as handle:
-                    handle.write(str(os.getpid()))
-                while True:  # killed here, in the middle of the step
-                    time.sleep(1)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            progress.step = step
-            log[str(step)] = {"indices": indices.tolist(), "loss": loss.item().hex()}
-            if step % args.save_every == 0:
-                save_checkpoint(accelerator, checkpoints, step)
-            if progress.step >= args.steps:
-                break
 
-    save_file(trainable_state(model), os.path.join(args.workdir, "final.safetensors"))
-    with open(os.path.join(args.workdir, "log.json"), "w") as handle:
+    def loss_fn(batch):
+        indices, images, labels = batch
+        step = progress["step"] + 1
+        if step == options.crash_at_step:
+            with open(os.path.join(options.workdir, f"crashed_at_step_{step}"), "w") as handle:
+                handle.write(str(os.getpid()))
+            while True:  # killed here, in the middle of the step
+                time.sleep(1)
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=images).logits, labels)
+        progress["pending"] = {"indices": indices.tolist(), "loss": loss.item().hex()}
+        return loss
+
+    def on_step(step):
+        progress["step"] = step
+        log[str(step)] = progress["pending"]
+
+    training.train_loop(accelerator, args, model, optimizer, scheduler, loader, loss_fn, on_step=on_step)
+    save_file(trainable_state(model), os.path.join(options.workdir, "final.safetensors"))
+    with open(os.path.join(options.workdir, "log.json"), "w") as handle:
         json.dump(log, handle, indent=1)
 
 

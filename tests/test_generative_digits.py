@@ -1,4 +1,5 @@
-"""The generative digits demo (ImageGPT 0-4 -> 5-9) end to end with `--quick` settings, plus its Fréchet distance."""
+"""The generative digits study (ImageGPT 0-4 -> 5-9, examples/generative_digits/run.py) end to end with `--quick`
+settings, plus its Fréchet distance (the one of `hf_vpt.metrics.inception`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import hf_vpt  # noqa: E402, F401  (registers the methods with PEFT before loadi
 from hf_vpt.sampling import autoregressive_sample  # noqa: E402
 
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "generative_digits.py"
+RECIPE = Path(__file__).resolve().parents[1] / "examples" / "generative_digits" / "run.py"
 EMBED, PROMPTS, PER_CLASS, COLUMNS, LEVELS = 32, 8, 12, 6, 4
 QUICK = [
     "--quick",
@@ -38,7 +39,7 @@ QUICK = [
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("recipe_generative_digits", RECIPE)
+    spec = importlib.util.spec_from_file_location("generative_digits_study", RECIPE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

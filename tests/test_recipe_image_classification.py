@@ -1,11 +1,7 @@
-"""The image-classification recipe end to end, drastically shrunk: tiny pretraining, one seed, a few epochs."""
+"""recipes/image_classification.py end to end on a tiny ViT saved to a folder and a tiny imagefolder: every method,
+options from JSON/YAML, bit-exact resume with adapter-only checkpoints, bf16 from the launcher, startup errors."""
 
-from __future__ import annotations
-
-import ast
-import importlib.util
 import json
-import math
 import os
 import re
 import sys
@@ -15,409 +11,274 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from peft import PeftModel  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 import hf_vpt  # noqa: E402, F401  (registers the methods with PEFT before loading)
 
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "image_classification.py"
-sys.path.insert(0, str(RECIPE.parent))  # the recipe's own modules (digits_mae)
-HIDDEN, LAYERS, TOKENS, CLASSES = 32, 2, 3, 5
-TINY = [
-    "--backbones", "supervised",
-    "--hidden_size", str(HIDDEN),
-    "--num_hidden_layers", str(LAYERS),
-    "--intermediate_size", "64",
-    "--pretrain_epochs", "2",
-    "--shots", "4",
-    "--epochs", "3",
-    "--warmup_epochs", "1",
-    "--num_seeds", "1",
-    "--no-progress",
-]  # fmt: skip
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES))
+import image_classification as recipe  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location("recipe_image_classification", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+LABELS = ["dark", "light"]
 
 
-def _reload_and_compare(trained, folder, base):
-    assert os.path.isfile(os.path.join(folder, "adapter_config.json"))
-    assert os.path.isfile(os.path.join(folder, "adapter_model.safetensors"))
-    assert os.path.isfile(os.path.join(folder, "README.md"))
-    reloaded = PeftModel.from_pretrained(base, folder).eval()
-    trained = trained.eval()
-    size = base.config.image_size
-    pixels = torch.randn(4, base.config.num_channels, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = trained(pixel_values=pixels).logits
-        got = reloaded(pixel_values=pixels).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each `recipe.main` in this process starts with accelerate's singletons as a new process has them."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
-def test_digits_experiment(recipe, tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(f"num_prompt_tokens: {TOKENS}\nmethods: [linear, vpt_shallow, vpt_deep, full]\n")
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    argv = [*TINY, "--config", str(config), "--output_dir", str(out), "--cache_dir", str(cache)]
-    summary = recipe.main(argv)
-
-    data = json.loads((out / "results.json").read_text())
-    rows = {row["method"]: row for row in data["results"]}
-    assert list(rows) == ["linear", "vpt_shallow", "vpt_deep", "full"]
-    for row in rows.values():
-        assert len(row["accuracies"]) == 1
-        assert math.isfinite(row["accuracy_mean"]) and 0.0 <= row["accuracy_mean"] <= 1.0
-        assert row["train_time_s_mean"] > 0
-        assert row["title"] in data["table"]
-
-    head = HIDDEN * CLASSES + CLASSES
-    counts = {method: row["trainable_parameters"] for method, row in rows.items()}
-    assert counts["linear"] == head
-    assert counts["vpt_shallow"] == head + TOKENS * HIDDEN
-    assert counts["vpt_deep"] == head + LAYERS * TOKENS * HIDDEN
-    assert counts["linear"] < counts["vpt_shallow"] < counts["vpt_deep"] < counts["full"]
-
-    backbone = data["backbone"]
-    assert not backbone["reused"] and 0.0 <= backbone["heldout_accuracy"] <= 1.0
-    for method in ("vpt_shallow", "vpt_deep"):
-        folder = str(out / method)
-        saved = json.loads((out / method / "adapter_config.json").read_text())
-        assert saved["depth"] == method.split("_")[1] and saved["num_prompt_tokens"] == TOKENS
-        assert saved["modules_to_save"] == ["classifier"]
-        _reload_and_compare(summary["adapters"][method]["model"], folder, recipe.load_transfer_model(backbone["path"]))
-
-    # A second run with the same pretraining settings reuses the cached backbone.
-    again = recipe.main([*argv, "--methods", "linear", "--output_dir", str(tmp_path / "again")])
-    assert again["backbone"]["reused"] and again["backbone"]["path"] == backbone["path"]
-    assert again["backbone"]["heldout_accuracy"] == pytest.approx(backbone["heldout_accuracy"])
-
-
-def _card_snippet(folder) -> str:
-    card = (Path(folder) / "README.md").read_text()
-    return card.split("## Use it\n\n```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_gated_apt_and_lora_on_digits(recipe, tmp_path):
-    """The opt-in methods run end to end, with their paper optimisers, and their adapters load back bit-exactly."""
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    argv = [*TINY, "--num_prompt_tokens", str(TOKENS), "--methods", "gated,apt,lora", "--output_dir", str(out)]
-    summary = recipe.main([*argv, "--cache_dir", str(cache)])
-
-    data = json.loads((out / "results.json").read_text())
-    rows = {row["method"]: row for row in data["results"]}
-    assert list(rows) == ["gated", "apt", "lora"]
-    assert rows["gated"]["optimizer"].startswith("SGD") and rows["gated"]["learning_rate"] == 1.0
-    assert rows["apt"]["optimizer"] == rows["lora"]["optimizer"] == "AdamW"
-    assert rows["apt"]["learning_rate"] == rows["lora"]["learning_rate"] == 1e-3
-    head = HIDDEN * CLASSES + CLASSES
-    # gated: shallow prompts, a gate per block but the last, a temperature per block
-    assert rows["gated"]["trainable_parameters"] == head + TOKENS * HIDDEN + (LAYERS - 1) + LAYERS
-    # APT, per block: prompts [p, d], key map [r, d] + [d, r] (r = 4), scale
-    assert rows["apt"]["trainable_parameters"] == head + LAYERS * (TOKENS * HIDDEN + 2 * 4 * HIDDEN + 1)
-    # LoRA r = 8 on the query and value projections of every block
-    assert rows["lora"]["trainable_parameters"] == head + LAYERS * 2 * (2 * 8 * HIDDEN)
-    for row in rows.values():
-        assert 0.0 <= row["accuracy_mean"] <= 1.0 and row["adapter_path"] == str(out / row["method"])
-
-    saved = {m: json.loads((out / m / "adapter_config.json").read_text()) for m in rows}
-    assert saved["gated"]["peft_type"] == "GATED_PROMPT" and saved["gated"]["gate_init"] == 10.0
-    assert saved["apt"]["peft_type"] == "APPROX_PROMPT" and saved["apt"]["rank"] == 4
-    assert saved["lora"]["peft_type"] == "LORA" and (saved["lora"]["r"], saved["lora"]["lora_alpha"]) == (8, 16)
-    assert sorted(saved["lora"]["target_modules"]) == ["q_proj", "v_proj"]  # found by structure, path-free
-    for method in rows:
-        assert saved[method]["modules_to_save"] == ["classifier"]
-        snippet = _card_snippet(out / method)
-        assert snippet.startswith("import hf_vpt") and "AutoModelForImageClassification" in snippet
-        base = recipe.load_transfer_model(data["backbone"]["path"])
-        _reload_and_compare(summary["adapters"][method]["model"], str(out / method), base)
-
-
-def test_lora_targets_are_found_by_structure(recipe):
-    from transformers import ViltConfig, ViltModel, ViTConfig, ViTForImageClassification
-
-    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
-    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, **small))
-    assert recipe.attention_projections(vit) == ["q_proj", "v_proj"]  # transformers 5.x names
-    assert recipe.attention_projections(ViltModel(ViltConfig(**small))) == ["query", "value"]  # the older names
-    # A module outside the blocks with the same name: the bare names would hit it, so full paths come back.
-    vit.q_proj = torch.nn.Linear(32, 32)
-    targets = recipe.attention_projections(vit)
-    assert len(targets) == 4 and all(t.startswith("vit.") for t in targets) and "q_proj" not in targets
-    with pytest.raises(ValueError, match="contains no transformer that hf_vpt knows"):
-        recipe.attention_projections(torch.nn.Sequential(torch.nn.Linear(4, 4)))
-
-
-def test_bad_options_name_the_fix(recipe, capsys):
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["--methods", "vpt_deep,prefix"])
-    assert "unknown methods ['prefix']" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["--push_to_hub"])
-    assert "use it with --model_name_or_path" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("method", ["vpt_deep", "lora"])
-def test_local_model_and_imagefolder(recipe, tmp_path, method, capsys):
-    """The user-data path, offline: a local checkpoint and a local imagefolder stand in for the Hub."""
-    from transformers import ViTForImageClassification
-
-    checkpoint, _ = _tiny_checkpoint_and_imagefolder(tmp_path, {"train": 6, "val": 3})
-
-    out = tmp_path / "out"
-    summary = recipe.main(
-        [
-            "--model_name_or_path", str(checkpoint),
-            "--train_dir", str(tmp_path / "train"),
-            "--validation_dir", str(tmp_path / "val"),
-            "--method", method,
-            "--num_prompt_tokens", "2",
-            "--epochs", "2",
-            "--batch_size", "4",
-            "--output_dir", str(out),
-            "--no-progress",
-        ]
-    )  # fmt: skip
-    data = json.loads((out / "results.json").read_text())
-    (row,) = data["results"]
-    assert row["method"] == method and 0.0 <= row["accuracy_mean"] <= 1.0
-    assert data["labels"] == ["dark", "light"] and data["eval_split"] == "validation"
-    printed = capsys.readouterr().out
-    epochs = [float(x) for x in re.findall(r"epoch \d+: eval accuracy ([\d.]+) %", printed)]
-    assert len(epochs) == 2  # evaluated after each of the 2 epochs
-    assert epochs[-1] == pytest.approx(100 * row["accuracy_mean"], abs=0.01)  # the last one is the final model
-    adapter = 2 * 2 * 32 if method == "vpt_deep" else 2 * 2 * (2 * 8 * 32)  # 2 prompts / LoRA q, v; 2 blocks
-    assert row["trainable_parameters"] == 32 * 2 + 2 + adapter
-    snippet = _card_snippet(out / method)
-    ast.parse(snippet)
-    assert snippet.startswith("import hf_vpt") and f'from_pretrained("{checkpoint}")' in snippet
-    assert 'id2label={0: "dark", 1: "light"}' in snippet
-    base = ViTForImageClassification.from_pretrained(checkpoint, num_labels=2, ignore_mismatched_sizes=True)
-    _reload_and_compare(summary["adapters"][method]["model"], str(out / method), base)
-
-
-def test_mae_encoder_becomes_the_same_vit():
-    """The MAE encoder copied into ViTForImageClassification computes what ViTMAEModel computes unmasked."""
-    import digits_mae
-    from transformers import ViTMAEModel
-
-    settings = {
-        "image_size": 16,
-        "patch_size": 4,
-        "hidden_size": HIDDEN,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "decoder_hidden_size": HIDDEN,
-        "decoder_num_hidden_layers": 1,
-        "mask_ratio": 0.75,
-        "norm_pix_loss": True,
-    }
-    torch.manual_seed(0)
-    mae = digits_mae._mae_model(settings, num_channels=1).eval()
-    vit = digits_mae._encoder_as_vit(mae, settings, 1, (0, 1, 2, 3, 4)).eval()
-    unmasked = ViTMAEModel(mae.vit.config.__class__(**{**mae.vit.config.to_dict(), "mask_ratio": 0.0})).eval()
-    unmasked.load_state_dict(mae.vit.state_dict())
-    pixels = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-    noise = torch.arange(16, dtype=torch.float32).expand(3, 16)  # increasing noise keeps the patch order
-    with torch.no_grad():
-        expected = unmasked(pixel_values=pixels, noise=noise).last_hidden_state
-        got = vit.vit(pixel_values=pixels).last_hidden_state
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-
-
-def test_mean_token_readout_matches_its_definition(recipe, tmp_path):
-    """Linear probing on the MAE backbone reads `norm(mean of the non-CLS tokens)`, not the CLS token."""
-    import digits_mae
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig(
-        image_size=16, patch_size=4, num_channels=1, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-        num_attention_heads=4, intermediate_size=64, num_labels=CLASSES,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = ViTForImageClassification(config).eval()
-    pixels = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        hidden = model.vit(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
-        expected = model.classifier(model.vit.layernorm(hidden[:, 1:].mean(dim=1)))
-        cls_logits = model(pixel_values=pixels).logits
-        handle = digits_mae.mean_token_readout(model)
-        got = model(pixel_values=pixels).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    assert not torch.allclose(got, cls_logits)
-    handle.remove()
-
-
-def test_mae_backbone_experiment(recipe, tmp_path):
-    """The MAE table: pretraining runs and is cached, every method trains with MAE's readout, gates are plotted."""
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    argv = [
-        *[a for a in TINY if a not in ("--backbones", "supervised")],
-        "--backbones", "mae",
-        "--mae_methods", "linear,vpt_deep,gated",
-        "--mae_pretrain_epochs", "3",
-        "--num_seeds", "2",
-        "--num_prompt_tokens", str(TOKENS),
-        "--output_dir", str(out),
-        "--cache_dir", str(cache),
-    ]  # fmt: skip
-    summary = recipe.main(argv)
-    data = json.loads((out / "results.json").read_text())
-    assert list(data["by_backbone"]) == ["mae"] and data["readout"] == "mean"
-    backbone = data["backbone"]
-    assert backbone["kind"] == "mae" and not backbone["reused"]
-    # Three epochs of the MAE objective already lower the held-out reconstruction loss of the untrained model.
-    assert backbone["heldout_reconstruction_loss"] < backbone["heldout_reconstruction_loss_at_init"]
-    rows = {row["method"]: row for row in data["results"]}
-    assert list(rows) == ["linear", "vpt_deep", "gated"]
-    for method in ("vpt_deep", "gated"):
-        saved = json.loads((out / "mae" / method / "adapter_config.json").read_text())
-        assert saved["readout"] == "mean_model_norm"
-        _reload_and_compare(
-            summary["adapters"][method]["model"],
-            str(out / "mae" / method),
-            recipe.load_transfer_model(backbone["path"]),
-        )
-    gates = data["gates"]
-    assert len(gates) == 2 and [row["block"] for row in gates[0]] == list(range(LAYERS))
-    assert gates[0][-1]["gate"] is None and 0.0 < gates[0][0]["gate"] < 1.0
-    assert (out / "mae" / "gates.png").stat().st_size > 1000
-    again = recipe.main([*argv, "--mae_methods", "linear", "--output_dir", str(tmp_path / "again")])
-    assert again["backbone"]["reused"] and again["backbone"]["path"] == backbone["path"]
-
-
-def test_mae_learning_rates_are_parsed_and_checked(recipe):
-    args = recipe.parse_args(["--mae_lrs", "gated=0.05, vpt_deep=0.1"])
-    assert args.mae_lrs == {"gated": 0.05, "vpt_deep": 0.1}
-    assert recipe.learning_rate(args, "gated", "mae") == 0.05
-    assert recipe.learning_rate(args, "gated", "supervised") == args.lr_gated
-    assert recipe.learning_rate(args, "linear", "mae") == args.lr_linear
-    for bad, named in (("gated", "method=value"), ("nope=1", "method=value"), ("gated=x", "not a number")):
-        with pytest.raises(SystemExit):
-            recipe.parse_args(["--mae_lrs", bad])
-        with pytest.raises(ValueError, match=named):
-            recipe.parse_method_values(bad, "mae_lrs")
-
-
-def _tiny_checkpoint_and_imagefolder(root: Path, splits: dict[str, int] | None = None) -> tuple[Path, Path]:
-    """A tiny local ViT checkpoint (with its image processor) and a two-class imagefolder per split (`splits`: name
-    -> images per class; default 6 training images per class). Returns the checkpoint and the training folder."""
-    import numpy as np
+def write_tiny_vit_and_images(root: Path, splits: dict) -> Path:
+    """A tiny ViT checkpoint with its image processor in `root/tiny-vit`, and two-class imagefolders
+    (`splits`: split name -> images per class) of noisy dark and light 20x20 images."""
     from PIL import Image
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     checkpoint = root / "tiny-vit"
     torch.manual_seed(0)
-    vit = ViTForImageClassification(
-        ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=64, num_labels=7)
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=7,
     )  # fmt: skip
-    vit.save_pretrained(checkpoint)
+    ViTForImageClassification(config).save_pretrained(checkpoint)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
     rng = np.random.default_rng(0)
-    for split, count in (splits or {"train": 6}).items():
-        for name, level in (("dark", 40), ("light", 200)):
+    for split, count in splits.items():
+        for name, level in zip(LABELS, (40, 200)):
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(count):
                 pixels = np.clip(rng.normal(level, 20, size=(20, 20, 3)), 0, 255).astype("uint8")
                 Image.fromarray(pixels).save(folder / f"{i}.png")
-    return checkpoint, root / "train"
+    return checkpoint
 
 
-@pytest.mark.parametrize(
-    ("every", "saved", "position", "last"),
-    [
-        ("2", ["checkpoint-2", "checkpoint-4"], (4, 1, 1), "checkpoint-8"),
-        ("epoch", ["checkpoint-3"], (3, 1, 0), "checkpoint-9"),
-    ],
-)
-def test_hub_mode_resume_is_bit_exact(recipe, tmp_path, every, saved, position, last):
-    """Stopped after 4 of 9 steps and resumed from the latest checkpoint (mid-epoch at step 4, or at the end of the
-    first epoch), a VPT-deep run ends with the same prompts and head as an uninterrupted run, bit for bit, with
-    prompt dropout and flips drawing random numbers on the way (so the restored RNG states and data order matter)."""
-    from safetensors.torch import load_file
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_vit_and_images(root, {"train": 5, "val": 3})
+    return root
 
-    checkpoint, train_dir = _tiny_checkpoint_and_imagefolder(tmp_path)
-    # 12 images, 10 train / 2 eval (the split is seeded), batch 4: 3 batches = 3 steps per epoch, 3 epochs.
-    base = [
-        "--model_name_or_path", str(checkpoint),
-        "--train_dir", str(train_dir),
-        "--method", "vpt_deep",
+
+def base_args(tiny: Path, out: Path, *extra) -> list:
+    return [
+        "--model_name_or_path", str(tiny / "tiny-vit"),
+        "--train_dir", str(tiny / "train"),
+        "--output_dir", str(out),
         "--num_prompt_tokens", "2",
-        "--prompt_dropout", "0.1",
-        "--augment",
-        "--epochs", "3",
-        "--batch_size", "4",
-        "--save_rank_tensors",
-        "--no-progress",
+        "--per_device_train_batch_size", "4",
+        "--disable_tqdm",
+        *extra,
     ]  # fmt: skip
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    done = recipe.main([*base, "--output_dir", str(straight)])
-    assert done["steps"] == 9 and done["finished"]
-    assert not any(name.startswith("checkpoint-") for name in os.listdir(straight))
-
-    resumable = [*base, "--output_dir", str(interrupted), "--checkpointing_steps", every]
-    stopped = recipe.main([*resumable, "--stop_after_steps", "4"])
-    assert stopped == {"experiment": "user data", "steps": 4, "finished": False}
-    assert sorted(os.listdir(interrupted)) == [*saved, "rank0"]
-    state = json.loads((interrupted / saved[-1] / "training_state.json").read_text())
-    assert (state["step"], state["epoch"], state["batches_done_in_epoch"]) == position and state["total_steps"] == 9
-
-    resumed = recipe.main([*resumable, "--resume_from_checkpoint", "latest"])
-    assert resumed["steps"] == 9 and resumed["finished"]
-    assert (interrupted / last).is_dir() and (interrupted / "vpt_deep" / "adapter_config.json").is_file()
-
-    initial = load_file(straight / "rank0" / "vpt_deep-init.safetensors")
-    expected = load_file(straight / "rank0" / "vpt_deep.safetensors")
-    actual = load_file(interrupted / "rank0" / "vpt_deep.safetensors")
-    assert sorted(expected) == sorted(actual) == sorted(initial)
-    prompts = [key for key in expected if "prompt" in key.lower() or "_bank" in key]
-    heads = [key for key in expected if "classifier" in key]
-    assert prompts and heads and len(prompts) + len(heads) == len(expected)
-    for key, value in expected.items():
-        assert value.dtype == torch.float32 and torch.equal(value, actual[key]), key
-        assert not torch.equal(value, initial[key]), key  # training moved every trained tensor
-    assert resumed["results"][0]["accuracy_mean"] == done["results"][0]["accuracy_mean"]
 
 
-def test_resume_options_name_the_fix(recipe, tmp_path, capsys):
-    hub = ["--model_name_or_path", str(tmp_path / "model"), "--train_dir", str(tmp_path / "images")]
-    out = ["--output_dir", str(tmp_path / "out")]
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["--resume_from_checkpoint", "latest"])
-    assert "--resume_from_checkpoint applies to --model_name_or_path runs" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["--checkpointing_steps", "5"])
-    assert "--checkpointing_steps applies to --model_name_or_path runs" in capsys.readouterr().err
+def fresh_base(tiny: Path):
+    from transformers import ViTForImageClassification
 
-    missing = tmp_path / "out" / "checkpoint-7"
-    with pytest.raises(SystemExit):
-        recipe.parse_args([*hub, *out, "--resume_from_checkpoint", str(missing)])
-    assert f"--resume_from_checkpoint {missing}: no such folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        recipe.parse_args([*hub, *out, "--resume_from_checkpoint", "latest"])
-    assert f"there is no checkpoint in {tmp_path / 'out'}" in capsys.readouterr().err
-    missing.mkdir(parents=True)  # a folder, but no training_state.json in it
-    with pytest.raises(SystemExit):
-        recipe.parse_args([*hub, *out, "--resume_from_checkpoint", str(missing)])
-    assert "not a checkpoint (it has no training_state.json)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        recipe.parse_args([*hub, *out, "--resume_from_checkpoint", "latest"])
-    assert "there is no checkpoint in" in capsys.readouterr().err
+    return ViTForImageClassification.from_pretrained(
+        tiny / "tiny-vit", num_labels=2, ignore_mismatched_sizes=True
+    ).eval()
 
-    (missing / "training_state.json").write_text("{}")
-    assert recipe.parse_args([*hub, *out, "--resume_from_checkpoint", "latest"]).resume_from_checkpoint == str(missing)
-    for bad in ("0", "often", "2.5"):
+
+def logits(model, seed: int = 0) -> torch.Tensor:
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(pixel_values=pixels).logits
+
+
+@pytest.mark.parametrize("method", recipe.METHODS)
+def test_every_method_trains_saves_and_reloads(tiny, tmp_path, method):
+    from transformers import AutoModelForImageClassification
+
+    out = tmp_path / method
+    done = recipe.main(base_args(tiny, out, "--method", method, "--validation_dir", str(tiny / "val"),
+                                 "--max_train_steps", "2"))  # fmt: skip
+    assert done["finished"] and done["steps"] == 2 and done["method"] == method
+    results = json.loads((out / "all_results.json").read_text())
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and results["train_steps"] == 2
+    variant = hf_vpt.registry.training_variant(method)
+    assert (results["optimizer"], results["learning_rate"]) == (variant.optimizer, variant.learning_rate)
+    trained = done["model"]
+    if variant.trains == "adapter":
+        assert (out / "adapter_model.safetensors").is_file() and "import hf_vpt" in (out / "README.md").read_text()
+        assert not (out / "model.safetensors").exists()  # the frozen backbone is not copied
+        reloaded = PeftModel.from_pretrained(fresh_base(tiny), out)
+    else:
+        reloaded = AutoModelForImageClassification.from_pretrained(out)
+        assert reloaded.config.id2label == {0: "dark", 1: "light"}
+    torch.testing.assert_close(logits(reloaded), logits(trained), rtol=0, atol=1e-6)
+    # a fresh model with its new random head disagrees: the comparison above is not vacuous
+    assert not torch.allclose(logits(fresh_base(tiny)), logits(trained), atol=1e-3)
+
+
+def test_options_from_json_and_yaml_files(tiny, tmp_path, capsys):
+    cli = base_args(tiny, tmp_path / "out", "--method", "lora", "--learning_rate", "0.003", "--num_train_epochs", "2")
+    options = {"model_name_or_path": str(tiny / "tiny-vit"), "train_dir": str(tiny / "train"),
+               "output_dir": str(tmp_path / "out"), "num_prompt_tokens": 2, "per_device_train_batch_size": 4,
+               "disable_tqdm": True, "method": "lora", "learning_rate": 0.003, "num_train_epochs": 2}  # fmt: skip
+    (tmp_path / "args.json").write_text(json.dumps(options))
+    (tmp_path / "args.yaml").write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in options.items()))
+    expected = recipe.parse_args(cli)
+    for path in ("args.json", "args.yaml"):
+        parsed = recipe.parse_args([str(tmp_path / path)])
+        for got, want in zip(parsed, expected):
+            assert {k: v for k, v in vars(got).items() if k != "command"} == {
+                k: v for k, v in vars(want).items() if k != "command"
+            }
+    (tmp_path / "bad.json").write_text(json.dumps({**options, "batch_size": 4}))
+    for bad in ([str(tmp_path / "bad.json")], [*cli, "--batch_size", "4"]):
         with pytest.raises(SystemExit):
-            recipe.parse_args([*hub, "--checkpointing_steps", bad])
-        assert "--checkpointing_steps takes a positive number of steps or 'epoch'" in capsys.readouterr().err
-    assert recipe.parse_args([*hub, "--checkpointing_steps", "epoch"]).checkpointing_steps == "epoch"
-    assert recipe.parse_args([*hub, "--checkpointing_steps", "3"]).checkpointing_steps == 3
+            recipe.parse_args(bad)
+        assert "batch_size" in capsys.readouterr().err
+
+
+def test_resume_is_bit_exact_with_adapter_only_checkpoints(tiny, tmp_path, capsys):
+    """Stopped after 4 of 9 steps and resumed, a VPT-deep run ends with the adapter and head of an uninterrupted
+    run, bit for bit, with prompt dropout and random flips drawing random numbers on the way (so the restored RNG
+    states and data position matter); the progress bar goes on from step 4; only the newest checkpoint is kept, and
+    it holds the trainable tensors only."""
+    # 10 images, of which the seeded 0.15 split trains on 8; batch 3: 3 batches a step each, 3 epochs = 9 steps.
+    common = ["--method", "vpt_deep", "--prompt_dropout", "0.1", "--random_flip", "--learning_rate", "0.5",
+              "--per_device_train_batch_size", "3"]  # fmt: skip
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    done = recipe.main([*base_args(tiny, straight, *common), "--disable_tqdm", "false"])
+    total = done["steps"]
+    assert done["finished"] and total == 9  # the stop at step 4 below is in the middle of the second epoch
+    assert not [name for name in os.listdir(straight) if name.startswith("checkpoint-")]
+    capsys.readouterr()
+
+    resumable = [
+        *base_args(tiny, interrupted, *common),
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "1",
+    ]
+    stopped = recipe.main([*resumable, "--stop_after_steps", "4"])
+    assert stopped == {"steps": 4, "finished": False, "mixed_precision": "no"}
+    assert sorted(name for name in os.listdir(interrupted) if name.startswith("checkpoint-")) == ["checkpoint-4"]
+    saved = load_file(interrupted / "checkpoint-4" / "model.safetensors")
+    trainable = {name for name, p in done["model"].named_parameters() if p.requires_grad}
+    assert set(saved) == trainable and any("prompt" in key for key in saved)
+    assert sum(t.numel() for t in saved.values()) < 0.1 * sum(p.numel() for p in done["model"].parameters())
+    assert (interrupted / "checkpoint-4" / "optimizer.bin").is_file()
+    assert json.loads((interrupted / "checkpoint-4" / "training_state.json").read_text())["step"] == 4
+    capsys.readouterr()
+
+    resumed = recipe.main([*resumable, "--resume_from_checkpoint", "latest", "--disable_tqdm", "false"])
+    assert resumed["finished"] and resumed["steps"] == total
+    bar = capsys.readouterr().err
+    counts = [int(n) for n in re.findall(rf"(\d+)/{total} \[", bar)]
+    assert counts and counts[0] == 4 and counts[-1] == total, bar[-500:]
+    expected = load_file(straight / "adapter_model.safetensors")
+    actual = load_file(interrupted / "adapter_model.safetensors")
+    assert sorted(expected) == sorted(actual)
+    for key, value in expected.items():
+        assert torch.equal(value, actual[key]), key
+    initial = fresh_base(tiny).state_dict()
+    assert not torch.equal(done["model"].base_model.model.classifier.modules_to_save["default"].weight,
+                           initial["classifier.weight"])  # fmt: skip
+    assert resumed["eval_accuracy"] == done["eval_accuracy"]
+
+
+def test_bf16_from_the_launcher_environment(tiny, tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION=bf16: the recipe's accelerator
+    takes it (no default of its own overrides it) and the training forward runs under bf16 autocast; an explicit
+    --mixed_precision no wins over the launcher."""
+    seen = []
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Linear) and module.training:
+            seen.append((torch.is_autocast_enabled("cpu"), output.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        done = recipe.main(base_args(tiny, tmp_path / "bf16", "--method", "vpt_deep", "--max_train_steps", "1"))
+        assert done["mixed_precision"] == "bf16"
+        assert seen and all(enabled and dtype == torch.bfloat16 for enabled, dtype in seen)
+        seen.clear()
+        AcceleratorState._reset_state(True)
+        done = recipe.main(base_args(tiny, tmp_path / "fp32", "--max_train_steps", "1", "--mixed_precision", "no"))
+        assert done["mixed_precision"] == "no"
+        assert seen and all(not enabled and dtype == torch.float32 for enabled, dtype in seen)
+    finally:
+        handle.remove()
+
+
+def _startup_error(tiny, tmp_path, capsys, *extra) -> str:
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit):
+        recipe.main(base_args(tiny, out, *extra))
+    assert not out.exists()  # nothing was loaded or written
+    return capsys.readouterr().err
+
+
+def test_startup_errors_name_the_fix(tiny, tmp_path, capsys, monkeypatch):
+    import accelerate.utils
+    import huggingface_hub
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)  # (not installed here either)
+    assert "tensorboard is not installed; `pip install tensorboard`, or pass --report_to none" in _startup_error(
+        tiny, tmp_path, capsys, "--report_to", "tensorboard"
+    )
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    assert "wandb is not installed" in _startup_error(tiny, tmp_path, capsys, "--report_to", "wandb")
+    assert "unknown tracker(s) ['nope']" in _startup_error(tiny, tmp_path, capsys, "--report_to", "nope")
+
+    assert "HF_HUB_OFFLINE is set" in _startup_error(tiny, tmp_path, capsys, "--push_to_hub")
+    assert "is not a valid repo id" in _startup_error(
+        tiny, tmp_path, capsys, "--push_to_hub", "--hub_model_id", "a/b/c"
+    )
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # as if never logged in
+    assert "needs a Hub token" in _startup_error(tiny, tmp_path, capsys, "--push_to_hub")
+
+    assert "give your images with --train_dir" in str(
+        pytest.raises(SystemExit, recipe.parse_args, ["--model_name_or_path", "m"]).value
+    )
+    assert "--prompt_dropout applies to VPT and gated prompts" in str(
+        pytest.raises(
+            SystemExit, recipe.parse_args, base_args(tiny, tmp_path, "--method", "lora", "--prompt_dropout", "0.1")
+        ).value  # fmt: skip
+    )
+    assert "--checkpointing_steps takes a positive number of steps or 'epoch'" in _startup_error(
+        tiny, tmp_path, capsys, "--checkpointing_steps", "often"
+    )
+    assert "there is no checkpoint in" in _startup_error(tiny, tmp_path, capsys, "--resume_from_checkpoint", "latest")
+    missing = tmp_path / "checkpoint-7"
+    assert "no such folder" in _startup_error(tiny, tmp_path, capsys, "--resume_from_checkpoint", str(missing))
+    assert "--per_device_train_batch_size must be a positive integer" in _startup_error(
+        tiny, tmp_path, capsys, "--per_device_train_batch_size", "0"
+    )
+
+
+def test_an_image_size_other_than_the_models(tiny, tmp_path):
+    """--image_size 48 on a 32-pixel ViT: the position embeddings are interpolated, and the saved image processor
+    preprocesses at 48 pixels as training did."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    out = tmp_path / "out"
+    done = recipe.main(base_args(tiny, out, "--image_size", "48", "--max_train_steps", "1"))
+    assert done["finished"]
+    image = Image.fromarray(np.full((20, 20, 3), 120, dtype="uint8"))
+    pixels = AutoImageProcessor.from_pretrained(out)(image, return_tensors="pt")["pixel_values"]
+    assert pixels.shape[-2:] == (48, 48)
+    reloaded = PeftModel.from_pretrained(fresh_base(tiny), out).eval()
+    with torch.no_grad():
+        expected = done["model"].eval()(pixel_values=pixels, interpolate_pos_encoding=True).logits
+        got = reloaded(pixel_values=pixels, interpolate_pos_encoding=True).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

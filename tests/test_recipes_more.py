@@ -20,7 +20,7 @@ import hf_vpt
 
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
-FAST = ["--no-progress", "--report_to", "none"]
+FAST = ["--disable_tqdm", "--report_to", "none"]
 
 
 def _recipe(name: str):
@@ -61,7 +61,7 @@ def test_vision_language_tiny(tmp_path, task, method):
 
 
 def test_vision_language_resume_is_bit_exact(tmp_path):
-    base = ["--max_train_steps", "5", "--checkpointing_steps", "3", "--train_batch_size", "4", *FAST]
+    base = ["--max_train_steps", "5", "--checkpointing_steps", "3", "--per_device_train_batch_size", "4", *FAST]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     _run("vision_language", [*base, "--output_dir", str(straight)])
     stopped = _run("vision_language", [*base, "--output_dir", str(interrupted), "--stop_after_steps", "3"])
@@ -76,27 +76,53 @@ def test_vision_language_resume_is_bit_exact(tmp_path):
         assert value.dtype == torch.float32 and torch.equal(value, actual[key]), key
 
 
-def test_yaml_config_overrides_defaults(tmp_path):
+def test_options_from_a_yaml_file_and_shared_flag_names(tmp_path):
+    """Every recipe takes its options from one YAML file (transformers' convention) and uses the same names."""
     config = tmp_path / "run.yaml"
-    config.write_text("max_train_steps: 7\nlearning_rate: 0.5\nmethod: vpt_deep\n")
-    args = _recipe("vision_language").parse_args(["--config", str(config), "--learning_rate", "0.25"])
-    assert (args.max_train_steps, args.learning_rate, args.method, args.tiny) == (7, 0.25, "vpt_deep", True)
-    assert "--config" in args.command
+    config.write_text("max_train_steps: 7\nlearning_rate: 0.5\nmethod: vpt_deep\nper_device_train_batch_size: 3\n")
+    args = _recipe("vision_language").parse_args([str(config)])
+    assert (args.max_train_steps, args.learning_rate, args.method, args.tiny) == (7, 0.5, "vpt_deep", True)
+    assert args.per_device_train_batch_size == 3 and str(config) in args.command
+    shared = ["--model_name_or_path", "m", "--per_device_train_batch_size", "2", "--learning_rate", "0.1",
+              "--num_train_epochs", "2", "--lr_scheduler_type", "linear", "--num_warmup_steps", "1", "--tiny"]  # fmt: skip
+    for name in ("vision_language", "generative_transfer", "text_to_image"):
+        args = _recipe(name).parse_args(shared)
+        assert (args.model_name_or_path, args.per_device_train_batch_size, args.learning_rate) == ("m", 2, 0.1), name
+        assert (args.num_train_epochs, args.lr_scheduler_type, args.num_warmup_steps) == (2, "linear", 1), name
+        assert args.mixed_precision is None  # the launcher decides unless the flag is given
+    with pytest.raises(SystemExit):
+        _recipe("text_to_image").parse_args(["--pretrained_model_name_or_path", "m"])
 
 
-def test_common_schedule_and_optimizer():
-    common = _recipe("_common")
+def test_scheduler_is_transformers_get_scheduler_and_optimizer_defaults_come_from_the_registry():
+    """`make_scheduler` gives exactly transformers' schedule (warm-up from --num_warmup_steps or --warmup_ratio);
+    `make_optimizer` takes the variant's registry defaults unless the options say otherwise."""
+    from accelerate import Accelerator
+
+    training = _recipe("training")
+    accelerator = Accelerator(cpu=True)
+    args = training.TrainingArguments(max_train_steps=10, warmup_ratio=0.25, lr_scheduler_type="cosine")
     param = torch.nn.Parameter(torch.zeros(3))
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    schedule = common.warmup_cosine_schedule(optimizer, warmup_steps=2, total_steps=6)
-    lrs = []
-    for _ in range(6):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    assert lrs[:2] == [0.5, 1.0] and lrs[2] == pytest.approx(1.0) and lrs[-1] < 0.2
-    assert common.default_optimizer_name("vpt_deep") == "sgd" and common.default_optimizer_name("apt") == "adamw"
-    assert "| a | 0.5000 |" in common.results_table({"a": 0.5})
+    ours = training.make_scheduler(accelerator, torch.optim.SGD([param], lr=1.0), args)
+    reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=1.0)
+    reference = transformers.get_cosine_schedule_with_warmup(reference_optimizer, 3, 10)  # ceil(0.25 * 10) = 3
+    for _ in range(10):
+        assert ours.get_last_lr() == reference.get_last_lr()
+        ours.optimizer.step(), ours.step(), reference_optimizer.step(), reference.step()
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    for method in ("vpt_deep", "apt", "linear"):
+        variant = hf_vpt.registry.training_variant(method)
+        optimizer = training.make_optimizer(model, training.TrainingArguments(), method)
+        expected = torch.optim.SGD if variant.optimizer == "sgd" else torch.optim.AdamW
+        assert type(optimizer) is expected and optimizer.param_groups[0]["lr"] == variant.learning_rate
+        assert optimizer.param_groups[0]["weight_decay"] == variant.weight_decay  # the weight matrix
+        assert optimizer.param_groups[1]["weight_decay"] == 0.0  # the bias
+    chosen = training.TrainingArguments(optimizer="adamw", learning_rate=0.01, weight_decay=0.5)
+    optimizer = training.make_optimizer(model, chosen, "vpt_deep")
+    assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["lr"] == 0.01
+    assert optimizer.param_groups[0]["weight_decay"] == 0.5
+    assert "| a | 0.5000 |" in _recipe("_common").results_table({"a": 0.5})
 
 
 @pytest.mark.parametrize("model", ["uvit", "imagegpt"])

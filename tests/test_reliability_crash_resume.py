@@ -1,8 +1,9 @@
 """A training run killed with SIGKILL in the middle of a step and resumed from its last `accelerate` checkpoint
 ends with exactly the prompts of an uninterrupted run (issue 7).
 
-The run itself is `tests/reliability_train_script.py` (VPT-deep with prompt dropout and a trained head on a tiny
-ViT, CPU, float32, fixed seeds, a shuffled loader over two and a half epochs, `save_state` every 3 steps). Each
+The run itself is `tests/reliability_train_script.py`: the recipes' shared loop and checkpoints
+(`recipes/training.py`) training VPT-deep with prompt dropout and a head on a tiny ViT (CPU, float32, fixed seeds, a
+shuffled loader over two and a half epochs, a checkpoint every 3 steps). Each
 run is a separate Python process, as after a real crash: the reference and the doomed run go side by side, then a
 third process resumes the doomed one.
 """
@@ -95,8 +96,11 @@ def test_sigkill_mid_step_then_resume_is_bit_identical_to_an_uninterrupted_run(t
         raise
 
     # The kill came mid-step: only the complete checkpoints before it exist, and no result was written.
-    checkpoints = sorted(p.name for p in (crashed_dir / "checkpoints").iterdir())
-    assert checkpoints == ["step_3", "step_6"], checkpoints
+    checkpoints = sorted(p.name for p in crashed_dir.iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-3", "checkpoint-6"], checkpoints
+    # adapter-only: the prompts and the head, not the frozen ViT
+    saved = load_file(crashed_dir / "checkpoint-6" / "model.safetensors")
+    assert sorted(saved) == sorted(load_file(crashed_dir / "initial.safetensors"))
     assert not (crashed_dir / "final.safetensors").exists()
 
     resumed = _launch(crashed_dir, "--resume")

@@ -22,8 +22,17 @@ from __future__ import annotations
 
 import os
 
-from .._compat import wrap_peft_model_loading
-from ..hub import KEEP_USER_MODEL_CARD, read_card_data, written_by_hf_vpt
+from .._compat import wrap_peft_model_card_update, wrap_peft_model_loading, wrap_transformers_adapter_loading
+from ..hub import (
+    KEEP_USER_MODEL_CARD,
+    MODEL_CARD_FACTS,
+    model_card_facts,
+    read_card_data,
+    write_model_card,
+    written_by_hf_vpt,
+    written_by_trainer,
+)
+from ..registry import find_method_spec
 from .config import AdapterLoadError, _locate_weights
 from .tuner import LOAD_CREATES_ADAPTER, PromptTunerModel, _roll_back_adapter
 
@@ -67,11 +76,57 @@ def _guarded_save_pretrained(original, peft_model, save_directory, *args, **kwar
     readme = os.path.join(save_directory, "README.md")
     users_card = os.path.isfile(readme) and not written_by_hf_vpt(readme)
     token = KEEP_USER_MODEL_CARD.set(users_card)
+    facts = MODEL_CARD_FACTS.set(model_card_facts(peft_model))  # the card describes the model, not only the config
     try:
         return original(peft_model, save_directory, *args, **kwargs)
     finally:
+        MODEL_CARD_FACTS.reset(facts)
         KEEP_USER_MODEL_CARD.reset(token)
+
+
+def _guarded_model_card_update(original, peft_model, output_dir):
+    """PEFT's card update for every adapter but hf_vpt's. hf_vpt's card is complete as written (PEFT would add the
+    base model's local path as Hub metadata); a card `transformers.Trainer` has just written over it is merged back
+    into hf_vpt's card (its metrics, sections and tags kept), so a Trainer push keeps the import line and snippet."""
+    if not isinstance(peft_model.base_model, PromptTunerModel):
+        return original(peft_model, output_dir)
+    readme = os.path.join(str(output_dir), "README.md")
+    if os.path.isfile(readme) and written_by_hf_vpt(readme):
+        return None
+    if os.path.isfile(readme) and written_by_trainer(readme):
+        facts = MODEL_CARD_FACTS.set(model_card_facts(peft_model))
+        try:
+            write_model_card(output_dir, peft_model.active_peft_config)
+        finally:
+            MODEL_CARD_FACTS.reset(facts)
+        return None
+    return original(peft_model, output_dir)
+
+
+def _refuse_transformers_loading(model, peft_model_id, peft_type) -> None:
+    """transformers' own adapter loading (`AutoModel*.from_pretrained(adapter_dir)`, `pipeline(model=adapter_dir)`)
+    injects only PEFT's built-in methods; for an hf_vpt adapter say which call loads it, before PEFT's misleading
+    "use `get_peft_model`"."""
+    spec = find_method_spec(peft_type) if peft_type else None
+    if spec is None or spec.peft_builtin:
+        return
+    base_class = type(model).__name__
+    # transformers has just loaded the base model the adapter names, from here:
+    base = getattr(model, "name_or_path", None) or "<base model named in its adapter_config.json>"
+    raise AdapterLoadError(
+        f"'{peft_model_id}' holds an hf_vpt {spec.title} adapter (peft_type {spec.peft_type}). transformers' "
+        "`from_pretrained(adapter_dir)` and `pipeline(model=adapter_dir)` only load PEFT's built-in methods such as "
+        "LoRA; load this one with PEFT on its base model:\n\n"
+        "    import hf_vpt\n"
+        "    from peft import PeftModel\n"
+        f"    base = {base_class}.from_pretrained({str(base)!r})\n"
+        f"    model = PeftModel.from_pretrained(base, {str(peft_model_id)!r})\n\n"
+        "and give a pipeline the loaded model: `pipeline(task, model=model, image_processor=...)`. The adapter's "
+        "README.md has the complete snippet for its task."
+    )
 
 
 def install() -> None:
     wrap_peft_model_loading(_guarded_load_adapter, _guarded_from_pretrained, _guarded_save_pretrained)
+    wrap_peft_model_card_update(_guarded_model_card_update)
+    wrap_transformers_adapter_loading(_refuse_transformers_loading)

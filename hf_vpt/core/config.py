@@ -52,6 +52,16 @@ class PromptConfigBase(PeftConfig):
         default=None,
         metadata={"help": "Modules trained and saved next to the prompts, typically the new head: ['classifier']."},
     )
+    backbone_eval: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep the frozen backbone in eval mode while the model trains (its dropout and drop-path off), "
+            "as the official VPT and gated-prompt code do: `model.train()` then switches only hf_vpt's prompt "
+            "modules and the `modules_to_save` heads to training mode. The default True reproduces the papers' "
+            "setting and makes the prompted features a deterministic function of the input; False lets the whole "
+            "model follow `train()` (a backbone whose config has dropout or drop-path is then stochastic)."
+        },
+    )
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Unused: hf_vpt finds the blocks by structure. Kept for PEFT compatibility."},
@@ -68,6 +78,7 @@ class PromptConfigBase(PeftConfig):
         "keep_prompts_in_outputs": Bool(),
         "tower_shapes": TowerShapes(TOWER_KINDS),
         "modules_to_save": StrList(),
+        "backbone_eval": Bool(),
         # PEFT's own fields, as read from an adapter_config.json
         "inference_mode": Bool(),
         "base_model_name_or_path": OptionalStr(),

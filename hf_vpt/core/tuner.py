@@ -152,6 +152,8 @@ class PromptTunerModel(BaseTuner):
             self._adapters_awaiting_weights.add(adapter_name)
         # only the new adapter's bank: as PEFT's `add_adapter`, adding one leaves the others' trainability alone
         self.banks[adapter_name].requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
+        if self.model.training:  # a model built in training mode gets the backbone mode its adapter asks for
+            self.train(True)
 
     def _check_fits(self, adapter_name: str, config, towers: list[Tower]) -> None:
         """Reject an adapter recorded for other towers (hidden size, depth) before anything is changed."""
@@ -220,6 +222,22 @@ class PromptTunerModel(BaseTuner):
             raise ValueError(f"Unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._sync_bank_trainability(inference_mode=inference_mode)
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, except that with `backbone_eval` (the default) the frozen backbone stays in eval mode:
+        only the prompt banks (on the tuner) and the trained heads (`modules_to_save`) follow `mode`."""
+        super().train(mode)
+        if mode and self._backbone_eval():
+            self.model.train(False)
+            for module in self.model.modules():
+                if isinstance(module, AuxiliaryTrainingWrapper):  # a head in `modules_to_save` trains
+                    module.train(True)
+        return self
+
+    def _backbone_eval(self) -> bool:
+        # Several active adapters (per-sample routing) share one backbone: any of them asking keeps it in eval mode.
+        configs = [self.peft_config[name] for name in self.active_adapters if name in self.peft_config]
+        return any(getattr(config, "backbone_eval", False) for config in configs)
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         super().set_requires_grad(adapter_names, requires_grad=requires_grad)

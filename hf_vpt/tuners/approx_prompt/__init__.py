@@ -1,4 +1,5 @@
-from ..._registry import register_method
+from ... import flops as _flops
+from ...registry import MethodSpec, TrainingVariant, register
 from .config import ApproxPromptConfig
 from .layer import ApproxPromptBank, ApproxPromptLayer, approx_prompt_output
 from .model import ApproxPromptModel
@@ -6,4 +7,56 @@ from .model import ApproxPromptModel
 
 __all__ = ["ApproxPromptBank", "ApproxPromptConfig", "ApproxPromptLayer", "ApproxPromptModel", "approx_prompt_output"]
 
-register_method("approx_prompt", ApproxPromptConfig, ApproxPromptModel)
+
+def _summary(config: ApproxPromptConfig) -> str:
+    return (
+        f"an approximated-prompt term ({config.num_prompt_tokens} prompts and a rank-{config.rank} key map per "
+        "layer) to each adapted attention output; no token enters the sequence"
+    )
+
+
+def _extra_flops(tower, config: ApproxPromptConfig, *, seq_len: int, batch_size: int, mode: str) -> int:
+    """The method's `flops` (hf_vpt.flops.extra_forward_flops) on one tower; `mode` is for prompts in the sequence."""
+    return _flops.approx_prompt_flops(
+        num_layers=len(config.adapted_layers(tower.num_layers)) * len(config.attentions),
+        hidden_size=tower.hidden_size,
+        seq_len=seq_len,
+        num_prompt_tokens=config.num_prompt_tokens,
+        rank=config.rank,
+        batch_size=batch_size,
+    )
+
+
+def _build_config(model, *, num_prompt_tokens: int, head_modules, **overrides) -> ApproxPromptConfig:
+    return ApproxPromptConfig(
+        num_prompt_tokens=num_prompt_tokens, modules_to_save=list(head_modules) or None, **overrides
+    )
+
+
+register(
+    MethodSpec(
+        name="approx_prompt",
+        peft_type="APPROX_PROMPT",
+        config_cls=ApproxPromptConfig,
+        model_cls=ApproxPromptModel,
+        title="Approximated Prompt Tuning",
+        paper_title="Approximated Prompt Tuning for Vision-Language Pre-trained Models (Wu et al., ICCV 2023)",
+        paper_url="https://arxiv.org/abs/2306.15706",
+        summary=_summary,
+        card_usage=None,
+        flops=_extra_flops,
+        variants=(
+            TrainingVariant(
+                name="apt",
+                title="APT",
+                trains="adapter",
+                optimizer="adamw",
+                learning_rate=1e-3,
+                weight_decay=0.01,
+                defaults_source="recipes/image_classification.py flag defaults (digits experiment), not yet "
+                "measured on a real backbone",
+                build_config=_build_config,
+            ),
+        ),
+    )
+)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...layouts import ArchitectureSpec, Tower, _find_block_list
+from ...layouts import ArchitectureSpec, Tower, find_towers_of
 from .config import GENERATIVE_TOWER_KIND
 
 
@@ -35,40 +35,9 @@ def supported_generative_architectures_message() -> str:
     )
 
 
-def _config_value(config, name: str) -> int:
-    value = getattr(config, name, None)
-    if value is None and isinstance(config, dict):
-        value = config.get(name)
-    if value is None:
-        raise ValueError(f"The model config has no `{name}`; cannot find its transformer blocks.")
-    return int(value)
-
-
 def find_generative_towers(model: nn.Module) -> list[Tower]:
     """The one generative tower of `model` (a list, as `hf_vpt.layouts.find_towers` returns)."""
-    towers: list[Tower] = []
-    for name, module in model.named_modules():
-        class_name = type(module).__name__
-        spec = next((s for s in GENERATIVE_ARCHITECTURES if class_name in s.root_classes), None)
-        if spec is None or any(name.startswith(t.name + ".") for t in towers if t.name):
-            continue
-        config = module.config
-        block_list_name, blocks = _find_block_list(module, _config_value(config, "num_hidden_layers"))
-        prefix = f"{name}.{block_list_name}" if name else block_list_name
-        towers.append(
-            Tower(
-                spec=spec,
-                name=name,
-                root=module,
-                blocks=blocks,
-                block_names=[f"{prefix}.{i}" for i in range(len(blocks))],
-                final_norm=None,
-                hidden_size=_config_value(config, "hidden_size"),
-                num_special_tokens=0,
-                patch_area=1,
-                config=config,
-            )
-        )
+    towers = find_towers_of(model, GENERATIVE_ARCHITECTURES, encoder=False)
     if not towers:
         raise ValueError(
             f"{type(model).__name__} contains no generative image transformer. "

@@ -4,12 +4,41 @@ from dataclasses import dataclass, field
 
 from ..._registry import peft_type
 from ...core.config import PromptConfigBase
-from ...core.validation import MAX_LAYERS, MAX_PROMPT_TOKENS, MAX_WIDTH, Bool, Choice, Int, Real
+from ...core.validation import MAX_LAYERS, MAX_PROMPT_TOKENS, MAX_WIDTH, Bool, Choice, ConfigValueError, Int, Real
 
 
 DEPTHS = ("shallow", "deep")
 PROMPT_INITS = ("vpt_uniform", "normal", "zeros")
 READOUTS = ("default", "mean_unit_norm", "mean_model_norm")
+
+
+@dataclass(frozen=True)
+class StageShapes:
+    """None or {tower kind: [[depth, width], ...]}: the stages of a Swin tower, recorded when an adapter is made."""
+
+    def check(self, name: str, value):
+        if value is None:
+            return None
+        allowed = (
+            f"None or {{tower kind: [[blocks in [1, {MAX_LAYERS}], width in [1, {MAX_WIDTH}]], ...]}} (hf_vpt records "
+            "it for Swin; restore the adapter_config.json that was saved with the weights)"
+        )
+
+        def is_stage(stage) -> bool:
+            return (
+                isinstance(stage, (list, tuple))
+                and len(stage) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in stage)
+                and 1 <= stage[0] <= MAX_LAYERS
+                and 1 <= stage[1] <= MAX_WIDTH
+            )
+
+        if not isinstance(value, dict) or not all(
+            isinstance(kind, str) and isinstance(stages, (list, tuple)) and stages and all(map(is_stage, stages))
+            for kind, stages in value.items()
+        ):
+            raise ConfigValueError(f"`{name}` must be {allowed}; got {value!r}.")
+        return {kind: [[int(d), int(w)] for d, w in stages] for kind, stages in value.items()}
 
 
 @dataclass
@@ -39,6 +68,10 @@ class VisualPromptConfig(PromptConfigBase):
             except CLS, prompts included, then a LayerNorm without affine parameters); `"mean_model_norm"` is the
             gated-prompt code's MAE readout (the same mean, then the pretrained final norm). Both mean readouts are
             written into the CLS slot of the final sequence, so heads that read token 0 consume them.
+
+    On Swin (`SwinModel`, `SwinForImageClassification`) the prompts are attached to every attention window, carried
+    through patch merging and averaged into the pooled output, as in the official VPT Swin code; deep prompts are
+    stored per stage with each stage's width. See `hf_vpt.tuners.visual_prompt.swin`.
     """
 
     FIELD_RULES = {
@@ -50,6 +83,7 @@ class VisualPromptConfig(PromptConfigBase):
         "prompt_projection_dim": Int(1, MAX_WIDTH, optional=True),
         "kv_prefix": Bool(),
         "readout": Choice(READOUTS),
+        "stage_shapes": StageShapes(),
     }
 
     num_prompt_tokens: int = field(default=10, metadata={"help": "Number of prompt tokens per prompted block."})
@@ -91,6 +125,14 @@ class VisualPromptConfig(PromptConfigBase):
             "help": "'default' (the model's readout, CLS after the final norm), 'mean_unit_norm' (official VPT MAE "
             "readout: mean over all non-CLS tokens incl. prompts, then a LayerNorm without affine) or "
             "'mean_model_norm' (gated-prompt MAE readout: the same mean, then the pretrained final norm)."
+        },
+    )
+
+    stage_shapes: dict[str, list[list[int]]] | None = field(
+        default=None,
+        metadata={
+            "help": "Recorded for Swin when the adapter is created: {tower kind: [[blocks, width] per stage]}. "
+            "Deep prompts are stored per stage with each stage's width; loading checks it against the model."
         },
     )
 
@@ -140,6 +182,9 @@ class VisualPromptConfig(PromptConfigBase):
     def expected_bank_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {}
         for kind, (num_layers, hidden) in (self.tower_shapes or {}).items():
+            if kind in (self.stage_shapes or {}):
+                shapes.update(self._stage_bank_shapes(kind))
+                continue
             width = self.prompt_projection_dim or hidden
             shapes[f"{self.bank_key_prefix}embeddings.{kind}"] = (
                 self.prompt_rows(num_layers),
@@ -149,6 +194,24 @@ class VisualPromptConfig(PromptConfigBase):
             if self.prompt_projection_dim:
                 shapes[f"{self.bank_key_prefix}projection.{kind}.weight"] = (hidden, width)
                 shapes[f"{self.bank_key_prefix}projection.{kind}.bias"] = (hidden,)
+        return shapes
+
+    def _stage_bank_shapes(self, kind: str) -> dict[str, tuple[int, ...]]:
+        """Swin: one `[rows, p, width]` tensor per stage that has prompt sets (`swin.py`, `stage_rows`)."""
+        shapes, first = {}, 0
+        stages = self.stage_shapes[kind]
+        total = sum(depth for depth, _ in stages)
+        prompted = 1 if self.depth == "shallow" else min(self.num_deep_layers or total, total)
+        for index, (depth, hidden) in enumerate(stages):
+            rows = max(0, min(depth, prompted - first))
+            first += depth
+            if rows == 0:
+                continue
+            width = self.prompt_projection_dim or hidden
+            shapes[f"{self.bank_key_prefix}embeddings.{kind}_stage{index}"] = (rows, self.num_prompt_tokens, width)
+            if self.prompt_projection_dim:
+                shapes[f"{self.bank_key_prefix}projection.{kind}_stage{index}.weight"] = (hidden, width)
+                shapes[f"{self.bank_key_prefix}projection.{kind}_stage{index}.bias"] = (hidden,)
         return shapes
 
     def check_adapter_file(self, weights_path: str) -> None:

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..._compat import block_uses_gradient_checkpointing
 from ...core.kv_prefix import KVPrefix, project_prefix
+from ...core.layer import PromptedBlock
 from ...core.tuner import PromptTunerModel, TowerForward
-from ...layouts import Tower
+from ...layouts import WINDOWED, Tower
+from . import swin
 from .config import VisualPromptConfig
 from .layer import VisualPromptBank, VisualPromptBlock
 
@@ -34,9 +38,13 @@ class VisualPromptModel(PromptTunerModel):
     tuner_layer_cls = VisualPromptBlock
     # `towers=None` still means "the vision tower if the model has one" (see `select_towers`): `CLIPModel` gets
     # vision prompts only, `CLIPTextModel` text prompts (after BOS) and ViLT prompts after its text [CLS].
-    supported_tower_kinds = ("vision", "text", "multimodal")
+    # ... and Swin's windowed vision tower (`swin.py`: prompts attached to every window)
+    supported_tower_kinds = ("vision", "text", "multimodal", WINDOWED)
 
     def _create_bank(self, adapter_name: str, config: VisualPromptConfig, towers: list[Tower]) -> VisualPromptBank:
+        if any(tower.spec.windowed for tower in towers):
+            swin.check_swin_config(config, towers)
+            return swin.SwinPromptBank(config, towers)
         if config.readout != "default":
             for tower in towers:
                 if tower.kind != "vision":
@@ -51,7 +59,33 @@ class VisualPromptModel(PromptTunerModel):
                     )
         return VisualPromptBank(config, towers)
 
+    def _create_and_replace(
+        self, peft_config, adapter_name, target, target_name, parent, current_key, parameter_name=None
+    ) -> None:
+        tower_index, block_index = self._block_positions[current_key]
+        if isinstance(target, PromptedBlock) or not self._towers[tower_index].spec.windowed:
+            return super()._create_and_replace(
+                peft_config, adapter_name, target, target_name, parent, current_key, parameter_name
+            )
+        wrapper = swin.SwinPromptedLayer(target, adapter_name, self, tower_index, block_index)
+        self._replace_module(parent, target_name, wrapper, target)
+
+    def _install_hooks(self) -> None:
+        super()._install_hooks()
+        for index, tower in enumerate(self._towers):
+            if not tower.spec.windowed:
+                continue
+            for stage in tower.stages:
+                if stage.merging is not None:
+                    hook = partial(swin.on_patch_merging, self, index)
+                    self._hook_handles.append(stage.merging.register_forward_hook(hook))
+            if tower.pooler is not None:
+                self._hook_handles.append(tower.pooler.register_forward_hook(partial(swin.on_pooler, self, index)))
+
     def _begin_extras(self, run: TowerForward, tower: Tower, hidden_states: torch.Tensor) -> None:
+        if tower.spec.windowed:
+            swin.begin_swin_forward(run)
+            return
         device = hidden_states.device
         readout = {name: self.peft_config[name].readout for name in run.route.adapters}
         run.extras["mean_readout"] = run.route.sample_mask(lambda n: readout[n] != "default", device)

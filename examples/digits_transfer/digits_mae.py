@@ -1,4 +1,4 @@
-"""The self-supervised backbone of the embedded digits experiment: a small ViT pretrained with the MAE objective.
+"""The self-supervised backbone of the digits study: a small ViT pretrained with the MAE objective.
 
 Gated prompt tuning (Yoo et al. 2023) targets self-supervised ViTs such as MAE. To show it at a size a CPU runs,
 `ViTMAEForPreTraining` is pretrained on digits 0-4 (masked-patch reconstruction, no labels), and its encoder is
@@ -13,18 +13,14 @@ MAE's own fine-tuning uses a plain ViT. The transfer then reads out as MAE does 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
-import time
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
+from digits_data import PRETRAIN_CLASSES, digits_loader, pretrain_split, random_affine
+from digits_training import fit
+from pretrain_cache import cached_pretraining
 from torch.utils.data import TensorDataset
-from transformers import get_cosine_schedule_with_warmup
 
 
 def mae_settings(args) -> dict:
@@ -47,6 +43,7 @@ def mae_settings(args) -> dict:
         "pretrain_weight_decay": args.pretrain_weight_decay,
         "pretrain_seed": args.pretrain_seed,
         "augment": "random_affine",
+        "loop": "recipes/_common.train_loop",
     }
 
 
@@ -56,7 +53,7 @@ def _encoder_geometry(settings: dict, num_channels: int) -> dict:
     return {"num_channels": num_channels, **{key: settings[key] for key in keys}}
 
 
-def _mae_model(settings: dict, num_channels: int):
+def mae_model(settings: dict, num_channels: int):
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     config = ViTMAEConfig(
@@ -71,7 +68,7 @@ def _mae_model(settings: dict, num_channels: int):
     return ViTMAEForPreTraining(config)
 
 
-def _encoder_as_vit(mae, settings: dict, num_channels: int, pretrain_classes):
+def encoder_as_vit(mae, settings: dict, num_channels: int, pretrain_classes=PRETRAIN_CLASSES):
     """A `ViTForImageClassification` carrying the MAE encoder's weights (identical names and shapes)."""
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -87,7 +84,7 @@ def _encoder_as_vit(mae, settings: dict, num_channels: int, pretrain_classes):
 
 
 @torch.no_grad()
-def _reconstruction_loss(mae, pixels: torch.Tensor, seed: int) -> float:
+def reconstruction_loss(mae, pixels: torch.Tensor, seed: int) -> float:
     """Mean MAE loss over `pixels` with a fixed masking noise, so cached and fresh backbones compare."""
     mae.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -100,67 +97,52 @@ def _reconstruction_loss(mae, pixels: torch.Tensor, seed: int) -> float:
     return sum(losses) / len(pixels)
 
 
-def get_mae_backbone(args, accelerator: Accelerator, pixels, labels, *, pretrain_split, loader, augment, classes):
+def _mae_objective(model, pixel_values, labels):
+    return model(pixel_values=pixel_values).loss  # the labels ride along in the batch; MAE never reads them
+
+
+def mae_backbone(args, accelerator, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
     """Pretrain with the MAE objective on digits 0-4 (labels unused), or reuse the cached copy."""
     settings = mae_settings(args)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    folder = os.path.join(args.cache_dir, f"digits_vit_mae_{key}")
-    info_path = os.path.join(folder, "pretraining.json")
-    accelerator.wait_for_everyone()  # every process decides before the main one may write the cache
-    if os.path.isfile(info_path):
-        with open(info_path, encoding="utf-8") as handle:
-            info = json.load(handle)
-        return {"path": folder, "reused": True, **info}
 
-    train_idx, held_idx = pretrain_split(labels, args.pretrain_seed)
-    set_seed(args.pretrain_seed)
-    num_channels = pixels.shape[1]
-    mae = _mae_model(settings, num_channels)
-    initial_loss = _reconstruction_loss(mae, pixels[held_idx], args.pretrain_seed)
-    decay = [p for p in mae.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in mae.parameters() if p.requires_grad and p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.pretrain_weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.mae_pretrain_lr,
-        betas=(0.9, 0.95),  # MAE's pretraining betas
-    )
-    # The labels ride along only because the loader expects pairs; the MAE objective never reads them.
-    train = loader(TensorDataset(pixels[train_idx], labels[train_idx]), args.pretrain_batch_size, True)
-    mae, optimizer, train = accelerator.prepare(mae, optimizer, train)
-    total = args.mae_pretrain_epochs * len(train)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, total // 20), total)
-    start = time.perf_counter()
-    mae.train()
-    for epoch in range(args.mae_pretrain_epochs):
-        for batch in train:
-            loss = mae(pixel_values=augment(batch["pixel_values"])).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"MAE pretraining: the loss became {loss.item()}; lower --mae_pretrain_lr.")
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        if accelerator.is_main_process and (epoch + 1) % max(1, args.mae_pretrain_epochs // 5) == 0:
-            accelerator.print(f"MAE pretraining epoch {epoch + 1}/{args.mae_pretrain_epochs}: loss {loss.item():.4f}")
-    seconds = time.perf_counter() - start
-    mae = accelerator.unwrap_model(mae)
-    info = {
-        "pretrain_time_s": seconds,
-        "heldout_reconstruction_loss": _reconstruction_loss(mae, pixels[held_idx], args.pretrain_seed),
-        "heldout_reconstruction_loss_at_init": initial_loss,
-        "settings": settings,
-    }
-    if accelerator.is_main_process:
-        os.makedirs(args.cache_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".digits_vit_mae_", dir=args.cache_dir)
-        _encoder_as_vit(mae, settings, num_channels, classes).save_pretrained(staging)
-        with open(os.path.join(staging, "pretraining.json"), "w", encoding="utf-8") as handle:
-            json.dump(info, handle, indent=2)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
-    accelerator.wait_for_everyone()
+    def pretrain():
+        train_idx, held_idx = pretrain_split(labels, args.pretrain_seed)
+        set_seed(args.pretrain_seed)
+        num_channels = pixels.shape[1]
+        mae = mae_model(settings, num_channels)
+        initial_loss = reconstruction_loss(mae, pixels[held_idx], args.pretrain_seed)
+        decay = [p for p in mae.parameters() if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in mae.parameters() if p.requires_grad and p.ndim <= 1]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.pretrain_weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.mae_pretrain_lr,
+            betas=(0.9, 0.95),  # MAE's pretraining betas
+        )
+        train = TensorDataset(pixels[train_idx], labels[train_idx])
+        mae, seconds, _ = fit(
+            accelerator,
+            mae,
+            optimizer,
+            digits_loader(train, args.pretrain_batch_size, True, args.pretrain_seed),
+            epochs=args.mae_pretrain_epochs,
+            warmup_epochs=args.mae_pretrain_epochs / 20,
+            augment=random_affine,
+            desc="MAE pretraining on digits 0-4",
+            progress=args.progress,
+            output_dir=args.output_dir,
+            objective=_mae_objective,
+        )
+        mae = accelerator.unwrap_model(mae)
+        info = {
+            "pretrain_time_s": seconds,
+            "heldout_reconstruction_loss": reconstruction_loss(mae, pixels[held_idx], args.pretrain_seed),
+            "heldout_reconstruction_loss_at_init": initial_loss,
+        }
+        return encoder_as_vit(mae, settings, num_channels), info
+
+    backbone = cached_pretraining(accelerator, args.cache_dir, "digits_vit_mae", settings, pretrain)
     accelerator.free_memory()
-    return {"path": folder, "reused": False, **info}
+    return backbone
 
 
 def _final_norm(model: torch.nn.Module) -> torch.nn.Module:

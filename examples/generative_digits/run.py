@@ -37,16 +37,22 @@ split and the classifier are fixed by `--split_seed`, so every method of every s
 instrument. Defaults that differ from the paper's released ones, chosen by held-out likelihood and fidelity on this
 data: no prompt dropout (0.1 lowered both), AdamW lr 1e-2, 20 epochs; 32 prompt tokens as in the paper.
 
+Every training run (pretraining, adaptation, the classifier) goes through the recipes' shared loop
+`recipes/_common.train_loop` (via `generative_digits_common.fit`) with transformers' warm-up + cosine schedule. The optimisers stay
+the study's own AdamW parameter groups (two learning rates for full fine-tuning, weight decay on every pretraining
+weight): `_common.make_optimizer` has one learning rate and no decay on biases, which would change the published
+numbers. The MaskGIT counterpart is `examples/maskgit_digits/run.py`; both share `generative_digits_common.py`.
+
 Outputs in `--output_dir`: `results.json` (every number, per seed and mean ± std), a PNG grid of samples per method
 (`samples_<method>.png`, rows = classes 5-9) and all of them side by side (`samples.png`), the prompt adapter of the
 first seed (`generative_prompt_adapter/`, `save_pretrained` + model card) and `generative_prompt_samples.pt` (its
 grid samples with their seed and logits, to check a reloaded adapter against).
 
-    python recipes/generative_digits.py                    # 3 seeds
-    python recipes/generative_digits.py --quick            # seconds: tiny generator, few epochs
-    accelerate launch recipes/generative_digits.py --num_seeds 5
+    python examples/generative_digits/run.py                      # 3 seeds
+    python examples/generative_digits/run.py --quick              # seconds: tiny generator, few epochs
+    accelerate launch examples/generative_digits/run.py --num_seeds 5
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
-        recipes/generative_digits.py                       # two CPU processes (DDP, gloo)
+        examples/generative_digits/run.py                         # two CPU processes (DDP, gloo)
 """
 
 from __future__ import annotations
@@ -54,7 +60,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -62,29 +67,40 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import get_peft_model
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+from generative_digits_common import (  # noqa: E402  (also puts recipes/ on the path for _common)
+    NUM_PIXELS,
+    PRETRAIN_CLASSES,
+    TRANSFER_CLASSES,
+    _common,
+    class_order,
+    classify,
+    fit,
+    format_table,
+    frechet_distance,
+    grid_image,
+    load_digit_tokens,
+    sample_metrics,
+    save_grids,
+    stratified_split,
+    summary_row,
+    tokens_to_pixels,
+    train_classifier,
+    write_json,
+)
 
 import hf_vpt  # noqa: E402
 from hf_vpt.sampling import autoregressive_sample  # noqa: E402
 from hf_vpt.tuners.generative_prompt.objectives import autoregressive_loss, next_token_loss  # noqa: E402
 
 
-PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
-TRANSFER_CLASSES = (5, 6, 7, 8, 9)
-NUM_PIXELS = 64  # 8 x 8
 METHODS = ("no_adaptation", "generative_prompt", "full_finetune")
 METHOD_TITLES = {
     "no_adaptation": "no adaptation (frozen 0-4 generator, unconditional)",
@@ -190,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     known, _ = parser.parse_known_args(argv)
     if known.quick:
         parser.set_defaults(**QUICK_DEFAULTS)
-    args = _common.parse_args_with_config(parser, argv, "recipes/generative_digits.py")
+    args = _common.parse_args_with_config(parser, argv, "examples/generative_digits/run.py")
     methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -228,68 +244,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# data
+# tokens, training and likelihood
 # ---------------------------------------------------------------------------------------------------------------
-def load_digit_tokens(num_levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1797 digits as `[N, 64]` intensity levels `floor(v · K / 17)` in `[0, K)`, raster order, and labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    values = torch.tensor(digits.images, dtype=torch.long).reshape(-1, NUM_PIXELS)  # 0 .. 16
-    return values * num_levels // 17, torch.tensor(digits.target, dtype=torch.long)
-
-
-def tokens_to_pixels(tokens: torch.Tensor, num_levels: int) -> torch.Tensor:
-    """Levels `[N, 64]` -> intensities in [0, 1] (the classifier's input and the grids' grey values)."""
-    return tokens.float() / (num_levels - 1)
-
-
 def with_sos(tokens: torch.Tensor, sos: int) -> torch.Tensor:
     """`[N, 64]` -> `[N, 65]` generator inputs `[SOS, x_1 .. x_64]` (every pixel is scored)."""
     return torch.cat([torch.full((tokens.shape[0], 1), sos, dtype=torch.long), tokens], dim=1)
 
 
-def stratified_split(labels: torch.Tensor, classes, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the digits of `classes`: `fraction` of each class first, the rest second (fixed by `seed`)."""
-    from sklearn.model_selection import train_test_split
-
-    indices = np.flatnonzero(np.isin(labels.numpy(), classes))
-    first, second = train_test_split(indices, train_size=fraction, stratify=labels.numpy()[indices], random_state=seed)
-    return np.sort(first), np.sort(second)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# training and likelihood
-# ---------------------------------------------------------------------------------------------------------------
-def train(accelerator, model, optimizer, loader, *, epochs: int, warmup_fraction: float, desc: str, progress: bool):
-    """AdamW with linear warm-up then cosine decay; `autoregressive_loss` on `(ids,)` or `(ids, class ids)` batches.
-
-    Returns the prepared model, the wall-clock seconds, and the mean loss of the last epoch.
-    """
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps = epochs * max(1, math.ceil(len(loader) / accelerator.gradient_accumulation_steps))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(warmup_fraction * steps)), steps)
-    model.train()
-    start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=desc, leave=False, disable=not (progress and accelerator.is_local_main_process))
-    last = float("nan")
-    for _ in bar:
-        losses = []
-        for batch in loader:
-            with accelerator.accumulate(model):
-                extra = {"class_labels": batch[1]} if len(batch) > 1 else {}
-                loss = autoregressive_loss(model, batch[0], **extra)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: the loss became {loss.item()}; lower the learning rate.")
-                accelerator.backward(loss)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.item())
-        last = float(np.mean(losses))
-        bar.set_postfix(loss=f"{last:.4f}")
-    return model, time.perf_counter() - start, last
+def next_token_batch_loss(model, batch) -> torch.Tensor:
+    """`autoregressive_loss` on an `(ids,)` or `(ids, class ids)` batch."""
+    extra = {"class_labels": batch[1]} if len(batch) > 1 else {}
+    return autoregressive_loss(model, batch[0], **extra)
 
 
 @torch.no_grad()
@@ -363,14 +328,14 @@ def get_generator(args, accelerator, tokens: torch.Tensor, labels: torch.Tensor)
         shuffle=True,
         generator=torch.Generator().manual_seed(args.pretrain_seed),
     )
-    model, seconds, _ = train(
+    model, seconds, _ = fit(
         accelerator,
         model,
         optimizer,
         loader,
+        next_token_batch_loss,
         epochs=args.pretrain_epochs,
         warmup_fraction=0.05,
-        desc="pretrain ImageGPT on digits 0-4",
         progress=args.progress,
     )
     model = accelerator.unwrap_model(model)
@@ -436,14 +401,14 @@ def adapt(args, accelerator, method: str, base_path: str, sequences, class_ids, 
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    model, seconds, last_loss = train(
+    model, seconds, last_loss = fit(
         accelerator,
         model,
         optimizer,
         loader,
+        next_token_batch_loss,
         epochs=args.epochs,
         warmup_fraction=args.warmup_fraction,
-        desc=f"{method} seed {seed}",
         progress=args.progress,
     )
     model = accelerator.unwrap_model(model).eval()
@@ -469,167 +434,8 @@ def sample_per_class(args, model, conditional: bool, seed: int, guidance_scale: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the measuring instrument: a digits classifier and Fréchet distances in its feature space
-# ---------------------------------------------------------------------------------------------------------------
-class DigitsClassifier(nn.Module):
-    """MLP `64 -> hidden -> feature_dim -> 5`. The features of the Fréchet distance are the `feature_dim`
-    pre-activations of the penultimate layer (before its ReLU, so no feature is constant at 0)."""
-
-    def __init__(self, hidden: int, feature_dim: int, num_classes: int = len(TRANSFER_CLASSES)):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Linear(NUM_PIXELS, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, feature_dim)
-        )
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(feature_dim, num_classes))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(pixels))
-
-
-def train_classifier(args, pixels: torch.Tensor, class_ids: torch.Tensor) -> tuple[DigitsClassifier, float]:
-    """AdamW on the real 5-9 training half, with small random shifts of the 8x8 images; returns (model, seconds)."""
-    start = time.perf_counter()
-    torch.manual_seed(args.split_seed)
-    model = DigitsClassifier(args.classifier_hidden, args.feature_dim)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-3)
-    generator = torch.Generator().manual_seed(args.split_seed)
-    loader = DataLoader(TensorDataset(pixels, class_ids), batch_size=64, shuffle=True, generator=generator)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, args.classifier_epochs * len(loader))
-    model.train()
-    for _ in range(args.classifier_epochs):
-        for batch, labels in loader:
-            loss = F.cross_entropy(model(shift_one_pixel(batch, generator)), labels)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-    return model.eval(), time.perf_counter() - start
-
-
-def shift_one_pixel(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each 8x8 image moved by -1, 0 or +1 pixel along each axis (zeros come in): cheap augmentation."""
-    images = pixels.view(-1, 1, 8, 8)
-    padded = F.pad(images, (1, 1, 1, 1))
-    offsets = torch.randint(0, 3, (images.shape[0], 2), generator=generator)
-    shifted = torch.stack([padded[i, :, dy : dy + 8, dx : dx + 8] for i, (dy, dx) in enumerate(offsets.tolist())])
-    return shifted.view(pixels.shape)
-
-
-@torch.no_grad()
-def classify(classifier: DigitsClassifier, pixels: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """(predicted class ids, float64 features `[N, feature_dim]`)."""
-    features = classifier.features(pixels)
-    return classifier.head(features).argmax(dim=-1), features.double().numpy()
-
-
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """`|mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^(1/2))` of Gaussians fitted to two feature sets.
-
-    `Tr((S_a S_b)^(1/2))` is the sum of the square roots of the eigenvalues of `S_a^(1/2) S_b S_a^(1/2)` (the same
-    eigenvalues as `S_a S_b`, but of a symmetric positive semi-definite matrix), so no general matrix square root
-    of a possibly singular product is needed.
-    """
-    mu_a, mu_b = features_a.mean(axis=0), features_b.mean(axis=0)
-    sigma_a, sigma_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
-    values, vectors = np.linalg.eigh(sigma_a)
-    root_a = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
-    middle = root_a @ sigma_b @ root_a
-    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
-    diff = mu_a - mu_b
-    return float(max(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * trace_root, 0.0))
-
-
-def sample_metrics(classifier, tokens: torch.Tensor, num_levels: int, real_features: np.ndarray, per_class: int):
-    """Class fidelity (mean over classes, and per class) and the Fréchet distance to the held-out real features."""
-    predictions, features = classify(classifier, tokens_to_pixels(tokens, num_levels))
-    targets = torch.arange(len(TRANSFER_CLASSES)).repeat_interleave(per_class)
-    per_class_fidelity = [float((predictions[targets == c] == c).float().mean()) for c in range(len(TRANSFER_CLASSES))]
-    return {
-        "class_fidelity": float(np.mean(per_class_fidelity)),
-        "class_fidelity_per_class": dict(zip([str(c) for c in TRANSFER_CLASSES], per_class_fidelity)),
-        "frechet_distance": frechet_distance(features, real_features),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------------------------------
-def grid_image(tokens: torch.Tensor, num_levels: int, per_class: int, columns: int, scale: int = 4):
-    """A uint8 grey grid: one row per class 5-9, the first `columns` samples of each class, 1 px gaps."""
-    cell = 8 * scale + 1
-    rows = len(TRANSFER_CLASSES)
-    grid = np.full((rows * cell + 1, columns * cell + 1), 96, dtype=np.uint8)
-    pixels = (tokens_to_pixels(tokens, num_levels).view(-1, 8, 8).numpy() * 255).round().astype(np.uint8)
-    for row in range(rows):
-        for column in range(columns):
-            image = np.kron(pixels[row * per_class + column], np.ones((scale, scale), dtype=np.uint8))
-            top, left = row * cell + 1, column * cell + 1
-            grid[top : top + 8 * scale, left : left + 8 * scale] = image
-    return grid
-
-
-def save_grids(output_dir: str, grids: dict[str, np.ndarray], titles: dict[str, str]) -> list[str]:
-    """`samples_<name>.png` per grid, and `samples.png` with every grid side by side under its title."""
-    from PIL import Image, ImageDraw
-
-    paths = []
-    for name, grid in grids.items():
-        path = os.path.join(output_dir, f"samples_{name}.png")
-        Image.fromarray(grid).save(path)
-        paths.append(path)
-    header, gap, label_width = 16, 12, 14
-    height = header + max(grid.shape[0] for grid in grids.values())
-    width = label_width + sum(grid.shape[1] + gap for grid in grids.values())
-    canvas = Image.new("L", (width, height), 255)
-    draw = ImageDraw.Draw(canvas)
-    cell = (next(iter(grids.values())).shape[0] - 1) // len(TRANSFER_CLASSES)
-    for row, digit in enumerate(TRANSFER_CLASSES):
-        draw.text((3, header + row * cell + cell // 2 - 5), str(digit), fill=0)
-    left = label_width
-    for name, grid in grids.items():
-        canvas.paste(Image.fromarray(grid), (left, header))
-        title = titles[name]
-        limit = max(4, grid.shape[1] // 6)
-        draw.text((left, 2), title if len(title) <= limit else title[: limit - 1] + ".", fill=0)
-        left += grid.shape[1] + gap
-    path = os.path.join(output_dir, "samples.png")
-    canvas.save(path)
-    return [path, *paths]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def format_table(rows: list[dict], num_seeds: int) -> str:
-    pm = "±" if num_seeds > 1 else ""
-
-    def cell(row, key, fmt, scale=1.0):
-        if row.get(f"{key}_mean") is None:
-            return "–"
-        text = format(scale * row[f"{key}_mean"], fmt)
-        return f"{text} {pm} {format(scale * row[f'{key}_std'], fmt)}" if pm else text
-
-    lines = [
-        "| method | trainable params | train time (s) | class fidelity (%) | Fréchet distance | held-out NLL |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in rows:
-        params = "–" if row["trainable_parameters"] is None else f"{row['trainable_parameters']:,}"
-        lines.append(
-            f"| {row['title']} | {params} | {cell(row, 'train_time_s', '.1f')} "
-            f"| {cell(row, 'class_fidelity', '.1f', 100.0)} | {cell(row, 'frechet_distance', '.2f')} "
-            f"| {cell(row, 'heldout_nll', '.4f')} |"
-        )
-    return "\n".join(lines)
-
-
-def write_json(path: str, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-
-
 def save_prompt_adapter(args, model, folder: str, seed: int, metrics: dict, trainable: int) -> None:
     """`save_pretrained` (adapter weights, config and the plain card), then the card with this run's details."""
     from hf_vpt.hub import write_model_card
@@ -703,7 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_seq, held_seq = with_sos(tokens[train_idx], sos), with_sos(tokens[held_idx], sos)
     train_pixels = tokens_to_pixels(tokens[train_idx], args.num_levels)
     held_pixels = tokens_to_pixels(tokens[held_idx], args.num_levels)
-    classifier, classifier_seconds = train_classifier(args, train_pixels, class_ids[train_idx])
+    classifier, classifier_seconds = train_classifier(accelerator, args, train_pixels, class_ids[train_idx])
     held_predictions, real_features = classify(classifier, held_pixels)
     classifier_accuracy = float((held_predictions == class_ids[held_idx]).float().mean())
     _, train_features = classify(classifier, train_pixels)
@@ -763,16 +569,8 @@ def main(argv: list[str] | None = None) -> dict:
         title = (
             METHOD_TITLES.get(name) or f"generative prompt tuning + guidance g={name.split('_', 1)[1]} (same adapter)"
         )
-        row = {"method": name, "title": title, "trainable_parameters": results[0]["trainable"]}
-        for key in ("train_time_s", "class_fidelity", "frechet_distance", "train_nll", "heldout_nll"):
-            source = "seconds" if key == "train_time_s" else key
-            values = [r[source] for r in results if source in r]
-            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values) if values else (None, None)
-        row["class_fidelity_per_class_mean"] = {
-            digit: float(np.mean([r["class_fidelity_per_class"][digit] for r in results]))
-            for digit in results[0]["class_fidelity_per_class"]
-        }
-        row["per_seed"] = results
+        keys = ("train_time_s", "class_fidelity", "frechet_distance", "train_nll", "heldout_nll")
+        row = summary_row(name, title, results, keys)
         rows.append(row)
     real_row = {
         "method": "real",
@@ -787,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
         "note": "class fidelity = the classifier's held-out accuracy; Fréchet distance = training half vs held-out",
     }
     rows.append(real_row)
-    table = format_table(rows, len(args.seeds))
+    table = format_table(rows, len(args.seeds), "heldout_nll", "held-out NLL")
     wall_time = time.perf_counter() - wall
     log(
         f"\nDigits 0-4 -> 5-9 generative transfer, ImageGPT {args.n_layer}x{args.n_embd}, {args.num_levels} levels, "
@@ -818,7 +616,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if accelerator.is_main_process:
         titles = {name: GRID_TITLES.get(name, f"prompt + guidance {name.split('_', 1)[1]}") for name in grids}
-        shown = tokens[held_idx][_class_order(class_ids[held_idx], args.grid_columns)]
+        shown = tokens[held_idx][class_order(class_ids[held_idx], args.grid_columns)]
         real_grid = grid_image(shown, args.num_levels, args.grid_columns, args.grid_columns)
         summary["grids"] = save_grids(
             args.output_dir, {"real": real_grid, **grids}, {"real": GRID_TITLES["real"], **titles}
@@ -826,11 +624,6 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(os.path.join(args.output_dir, "results.json"), summary)
         log(f"\nwrote {args.output_dir}/results.json and samples.png; wall time {wall_time:.1f} s")
     return summary
-
-
-def _class_order(class_ids: torch.Tensor, per_class: int) -> torch.Tensor:
-    """Indices of the first `per_class` examples of each class, class by class."""
-    return torch.cat([torch.nonzero(class_ids == c).flatten()[:per_class] for c in range(len(TRANSFER_CLASSES))])
 
 
 if __name__ == "__main__":
