@@ -207,7 +207,12 @@ def test_save_and_load_on_a_fresh_pipeline(tokenizer_dir, tmp_path, method):
     config = CONFIGS[method]()
     randomise(hf_vpt.attach_text_encoder_adapter(pipe, config))
     hf_vpt.save_text_encoder_adapter(pipe, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "hf_vpt_card.json",
+    ]
 
     fresh = make_pipe(tokenizer_dir)
     loaded = hf_vpt.load_text_encoder_adapter(fresh, str(tmp_path))

@@ -20,7 +20,7 @@ import hf_vpt
 
 
 # What a subclass is meant to override; anything else nn.Module defines must keep its meaning.
-OVERRIDABLE = {"forward", "extra_repr"}
+OVERRIDABLE = {"forward", "extra_repr", "train"}  # train: backbone_eval keeps the frozen backbone in eval mode
 METHODS = {
     "vpt_deep": lambda: hf_vpt.VisualPromptConfig(num_prompt_tokens=3, depth="deep"),
     "vpt_shallow": lambda: hf_vpt.VisualPromptConfig(num_prompt_tokens=3, depth="shallow"),

@@ -60,7 +60,12 @@ def test_save_load_is_bit_exact_and_files_are_path_free(tmp_path):
     model = get_peft_model(build("vit"), _config(depth="deep", prompt_projection_dim=8)).eval()
     _randomise(model)
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "hf_vpt_card.json",
+    ]
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     bank_keys = {k for k in keys if "classifier" not in k}
     # no module path inside the backbone: the keys survive transformers renaming its internals
