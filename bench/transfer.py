@@ -99,9 +99,7 @@ from recipes import _common  # noqa: E402  (the recipes' shared training loop)
 
 DEFAULT_WEIGHTS_DIR = REPO_ROOT.parent / "shared" / "weights"
 DEFAULT_BACKBONES = ("vit-tiny-patch16-224-augreg", "deit-tiny-patch16-224")
-# Registry names (`hf_vpt.registry.training_variant`), in table order.
-METHODS = ("linear", "vpt_shallow", "vpt_deep", "gated", "apt", "lora", "full")
-# AdamW learning-rate grids, searched on train800 -> val200.
+# AdamW learning-rate grids, searched on train800 -> val200, by registry variant (`hf_vpt.registry`), in table order.
 LR_GRIDS = {
     "linear": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "vpt_shallow": (1e-3, 3e-3, 1e-2),
@@ -111,16 +109,8 @@ LR_GRIDS = {
     "lora": (1e-3, 3e-3, 1e-2),
     "full": (1e-4, 3e-4, 1e-3),
 }
-# Used with --no-lr_grid_search (override with --lrs method=value,...).
-DEFAULT_LRS = {
-    "linear": 1e-2,
-    "vpt_shallow": 3e-3,
-    "vpt_deep": 3e-3,
-    "gated": 3e-3,
-    "apt": 3e-3,
-    "lora": 3e-3,
-    "full": 1e-4,
-}
+METHODS = tuple(LR_GRIDS)
+# With --no-lr_grid_search the learning rate is the registry's default for the variant (`--lrs` overrides it).
 NUM_PROMPTS = 10
 GATE_INIT = 5.0
 APT_RANK = 4
@@ -678,7 +668,7 @@ def run_benchmark(args) -> dict:
                 best = max(record["lr_search"].values())
                 lr = min(float(k) for k, v in record["lr_search"].items() if v == best)
             else:
-                lr = overrides.get(method, DEFAULT_LRS[method])
+                lr = overrides.get(method, training_variant(method).learning_rate)
             record["lr"] = lr
             old_runs = {r["seed"]: r for r in (old or {}).get("runs", []) if f"{r['lr']:g}" == f"{lr:g}"}
             for seed in seeds:

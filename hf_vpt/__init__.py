@@ -13,10 +13,8 @@ from .diffusers_text_encoder import (
     save_text_encoder_adapter,
 )
 from .layouts import SUPPORTED_ARCHITECTURES, find_towers
-from .tuners import VisualPromptConfig, VisualPromptModel
-from .tuners.approx_prompt import ApproxPromptConfig, ApproxPromptModel
-from .tuners.gated_prompt import GatedPromptConfig, GatedPromptModel, gate_values
-from .tuners.generative_prompt import GenerativePromptConfig, GenerativePromptModel
+from .tuners import *  # noqa: F403  (each method's public names: `hf_vpt.tuners.__all__`)
+from .tuners import __all__ as _method_names
 
 
 # After the methods: the baselines (linear probing, LoRA, full fine-tuning) complete the registry's training variants.
@@ -43,18 +41,10 @@ def __getattr__(name: str):
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "AdapterLoadError",
-    "ApproxPromptConfig",
-    "ApproxPromptModel",
-    "GatedPromptConfig",
-    "GatedPromptModel",
-    "GenerativePromptConfig",
-    "GenerativePromptModel",
-    "VisualPromptConfig",
-    "VisualPromptModel",
     "attach_text_encoder_adapter",
     "detach_text_encoder_adapter",
     "find_towers",
-    "gate_values",
     "load_text_encoder_adapter",
     "save_text_encoder_adapter",
+    *_method_names,
 ]

@@ -14,6 +14,9 @@ width `d`, MLP width `d_ff`, key-map rank `r` and batch `B`:
 * Deep prompts as the APT paper's baseline runs them (`mode="kv_prefix"`: the released deep-prompt code computes
   q, k, v for the `N + p` rows, then uses the prompts as keys/values only): `B·2·(3·p·d² + 2·N·p·d)`.
 
+Windowed towers (Swin) have no closed form here: VPT attaches the prompts to every window and merges them between
+stages, so `extra_forward_flops` refuses them (measure with `torch.utils.flop_counter.FlopCounterMode` instead).
+
 The APT paper's "additional FLOPs" (ViLT: APT 0.91 G vs deep prompt 5.14 G, −82.3 %) are the MAC counts of the
 `kv_prefix` formula and of APT without the key map; multiply the numbers here by 0.5 to compare.
 """
@@ -95,8 +98,19 @@ def extra_forward_flops(
         )
     if mode not in DEEP_PROMPT_MODES:
         raise ValueError(f"`mode` must be one of {DEEP_PROMPT_MODES}; got {mode!r}.")
+    towers = select_towers(model, config.towers, spec.model_cls.supported_tower_kinds)
+    for tower in towers:
+        if tower.spec.windowed:
+            raise ValueError(
+                f"No closed-form FLOP count for prompts on {tower.spec.name} ({type(model).__name__}): it attends "
+                "within shifted windows and VPT attaches the prompts to every window (and merges them between "
+                "stages), so the global-attention formulas of hf_vpt.flops would return a wrong number. Measure the "
+                "prompted and the plain forward instead (`with model.disable_adapter():`) with "
+                "torch.utils.flop_counter.FlopCounterMode on a model loaded with attn_implementation='eager' (the "
+                "counter may miss fused CPU attention kernels), and take the difference."
+            )
     total = 0
-    for tower in select_towers(model, config.towers, spec.model_cls.supported_tower_kinds):
+    for tower in towers:
         n = seq_len[tower.kind] if isinstance(seq_len, dict) else seq_len
         total += spec.flops(tower, config, seq_len=n, batch_size=batch_size, mode=mode)
     return total

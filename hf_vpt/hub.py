@@ -50,6 +50,7 @@ _SKIPPED_FIELDS = {
     "exclude_modules",
     "target_parameters",
     "tower_shapes",
+    "stage_shapes",  # Swin's [depth, width] per stage: bookkeeping checked on load, not a setting
 }
 
 

@@ -16,6 +16,7 @@ from . import _registry
 
 
 TRAINS = ("adapter", "head", "all")
+TASKS = ("image-classification", "class-conditional-generation")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -38,10 +39,14 @@ class TrainingVariant:
     weight_decay: float
     defaults_source: str
     build_config: Callable | None
+    # What the variant trains a model for; the recipes and benches offer the variants of their task.
+    task: str = "image-classification"
     # Set by `register`: the `MethodSpec.name` this variant belongs to (None for linear probing and full tuning).
     method: str | None = None
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"TrainingVariant {self.name!r}: `task` must be one of {TASKS}; got {self.task!r}.")
         if self.trains not in TRAINS:
             raise ValueError(f"TrainingVariant {self.name!r}: `trains` must be one of {TRAINS}; got {self.trains!r}.")
         if self.optimizer not in OPTIMIZERS:
@@ -63,6 +68,47 @@ class TrainingVariant:
         """Whether `build_config` takes `option` as an override (a field of its config class, e.g. "readout")."""
         cls = self.config_cls
         return cls is not None and option in {item.name for item in dataclasses.fields(cls)}
+
+
+# Where the image-classification defaults come from (the `defaults_source` of the variants measured there).
+MEASURED_ON_REAL_VIT = (
+    "bench/recipe_defaults.py (bench/results/recipe_defaults.json): a learning-rate sweep on the ImageNet ViT-Ti/16 "
+    "AugReg of ../shared/weights, 400 digits (40 per class) at 64 px, batch 32, 10 epochs, warm-up 1 epoch then "
+    "cosine; the chosen setting confirmed on DeiT-Tiny and on ViT-Ti at 224 px"
+)
+
+
+def adapter_variant(
+    name: str,
+    title: str,
+    config_cls: type,
+    *,
+    optimizer: str,
+    learning_rate: float,
+    weight_decay: float,
+    defaults_source: str,
+    task: str = "image-classification",
+    **fixed_fields,
+) -> TrainingVariant:
+    """A variant that trains the adapter `config_cls(num_prompt_tokens=..., **fixed_fields)`, the classification head
+    (`head_modules`) in `modules_to_save`: the usual shape of a prompt method's variant (`fixed_fields` e.g.
+    `depth="deep"` tell two variants of one config apart; a caller's overrides win over them)."""
+
+    def build_config(model, *, num_prompt_tokens: int, head_modules, **overrides):
+        fields = {**fixed_fields, **overrides}
+        return config_cls(num_prompt_tokens=num_prompt_tokens, modules_to_save=list(head_modules) or None, **fields)
+
+    return TrainingVariant(
+        name=name,
+        title=title,
+        trains="adapter",
+        optimizer=optimizer,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        defaults_source=defaults_source,
+        build_config=build_config,
+        task=task,
+    )
 
 
 @dataclass(frozen=True)
@@ -179,9 +225,13 @@ def method_spec(key) -> MethodSpec:
     return spec
 
 
-def training_variants() -> tuple[TrainingVariant, ...]:
-    """The variants of every registered method, then the baselines without a method."""
-    return (*(variant for spec in _METHODS.values() for variant in spec.variants), *_BASELINES.values())
+def training_variants(task: str | None = None) -> tuple[TrainingVariant, ...]:
+    """The variants of every registered method, then the baselines without a method; only those of `task` (one of
+    `TASKS`) when it is given."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of: {', '.join(TASKS)}.")
+    variants = (*(variant for spec in _METHODS.values() for variant in spec.variants), *_BASELINES.values())
+    return tuple(variant for variant in variants if task in (None, variant.task))
 
 
 def training_variant(name: str) -> TrainingVariant:

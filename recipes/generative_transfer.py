@@ -42,13 +42,14 @@ import training  # noqa: E402
 
 import hf_vpt  # noqa: E402
 from hf_vpt.sampling import autoregressive_sample, maskgit_sample  # noqa: E402
+from hf_vpt.testing_utils import tiny_imagegpt, tiny_uvit2d, tiny_vqmodel  # noqa: E402
 from hf_vpt.tuners.generative_prompt.objectives import maskgit_loss, next_token_loss  # noqa: E402
 
 
 TINY_GRID = 4
 TINY_CODEBOOK = 16
 # The registry's variants of class-conditional generative prompts.
-METHODS = tuple(v.name for v in hf_vpt.registry.training_variants() if v.method == "generative_prompt")
+METHODS = tuple(variant.name for variant in hf_vpt.registry.training_variants("class-conditional-generation"))
 
 
 @dataclass
@@ -119,45 +120,9 @@ def build_models(args):
 
     if args.model == "uvit":
         if args.tiny:
-            model = UVit2DModel(
-                hidden_size=32,
-                use_bias=False,
-                hidden_dropout=0.0,
-                cond_embed_dim=16,
-                micro_cond_encode_dim=2,
-                micro_cond_embed_dim=10,
-                encoder_hidden_size=16,
-                vocab_size=TINY_CODEBOOK + 1,
-                codebook_size=TINY_CODEBOOK,
-                in_channels=8,
-                block_out_channels=16,
-                num_res_blocks=1,
-                downsample=False,
-                upsample=False,
-                block_num_heads=2,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                attention_dropout=0.0,
-                intermediate_size=64,
-                layer_norm_eps=1e-6,
-                ln_elementwise_affine=True,
-                sample_size=TINY_GRID,
-            )
+            model = tiny_uvit2d(TINY_CODEBOOK, TINY_GRID)
             model.config._name_or_path = "tiny-random-UVit2DModel"
-            vqvae = VQModel(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                block_out_channels=(8, 8),
-                layers_per_block=1,
-                latent_channels=8,
-                num_vq_embeddings=TINY_CODEBOOK,
-                vq_embed_dim=8,
-                norm_num_groups=4,
-                sample_size=2 * TINY_GRID,
-                lookup_from_codebook=True,
-            )
+            vqvae = tiny_vqmodel(TINY_CODEBOOK, TINY_GRID)
         else:
             model = UVit2DModel.from_pretrained(args.model_name_or_path, subfolder=args.subfolder)
             vqvae = None
@@ -167,10 +132,7 @@ def build_models(args):
                 )
         return model.eval(), (vqvae.eval() if vqvae is not None else None), None, int(model.config.vocab_size) - 1
     if args.tiny:
-        config = transformers.ImageGPTConfig(
-            vocab_size=TINY_CODEBOOK + 1, n_positions=TINY_GRID * TINY_GRID + 1, n_embd=32, n_layer=2, n_head=4
-        )
-        model = transformers.ImageGPTForCausalImageModeling(config)
+        model = tiny_imagegpt(TINY_CODEBOOK, TINY_GRID)
         model.config._name_or_path = "tiny-random-ImageGPTForCausalImageModeling"
         palette = np.random.default_rng(0).uniform(-1, 1, size=(TINY_CODEBOOK, 3))
     else:

@@ -17,7 +17,6 @@ byte vocabulary written to a temporary folder) and a few synthetic captioned ima
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -88,69 +87,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------
 # tiny pipeline and data
 # ---------------------------------------------------------------------------------------------------------------
-def _byte_symbols() -> list[str]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
-
-
 def tiny_pipeline(workdir: str):
-    """A tiny `StableDiffusionPipeline` from configs: byte-level CLIP tokenizer, 3-layer CLIP text encoder, 2-level
-    VAE and UNet (32 px images, 16 px latents)."""
-    import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """A tiny `StableDiffusionPipeline` from configs (`hf_vpt.testing_utils.tiny_stable_diffusion`): byte-level CLIP
+    tokenizer written to `workdir` (32 tokens), 3-layer CLIP text encoder, 2-level VAE and UNet (32 px images, 16 px
+    latents), a DDPM scheduler for training."""
+    from diffusers import DDPMScheduler
 
-    symbols = _byte_symbols()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(workdir, "vocab.json"), "w", encoding="utf-8") as handle:
-        json.dump({token: i for i, token in enumerate(tokens)}, handle)
-    with open(os.path.join(workdir, "merges.txt"), "w", encoding="utf-8") as handle:
-        handle.write("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(workdir, model_max_length=32)
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        max_position_embeddings=32,
-    )
-    text_encoder = transformers.CLIPTextModel(text_config)
-    text_encoder.config._name_or_path = "tiny-random-stable-diffusion/text_encoder"
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=2,
-    )
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=TINY_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=2,
-    )
+    from hf_vpt.testing_utils import tiny_stable_diffusion, write_clip_tokenizer
+
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = tiny_stable_diffusion(write_clip_tokenizer(workdir), scheduler, max_length=32)
+    pipe.text_encoder.config._name_or_path = "tiny-random-stable-diffusion/text_encoder"
+    return pipe
 
 
 def tiny_records(count: int, seed: int) -> list[dict]:

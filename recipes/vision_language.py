@@ -44,6 +44,7 @@ import _common  # noqa: E402
 import training  # noqa: E402
 
 import hf_vpt  # noqa: E402, F401  (registers the methods with PEFT)
+from hf_vpt.testing_utils import tiny_vilt  # noqa: E402
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -293,12 +294,9 @@ def build_model_and_processors(args, labels: list[str], workdir: str):
         image_processor = transformers.ViltImageProcessor(
             size={"shortest_edge": TINY_IMAGE_SIZE}, size_divisor=TINY_IMAGE_SIZE
         )
-        config = transformers.ViltConfig(
+        model = tiny_vilt(
+            head.__name__,
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
             image_size=TINY_IMAGE_SIZE,
             patch_size=8,
             max_position_embeddings=args.max_text_length,
@@ -308,7 +306,6 @@ def build_model_and_processors(args, labels: list[str], workdir: str):
             num_images=2 if args.task == "nlvr2" else -1,
             modality_type_vocab_size=3 if args.task == "nlvr2" else 2,
         )
-        model = head(config)
         model.config._name_or_path = f"tiny-random-{head.__name__}"
     else:
         processor = transformers.ViltProcessor.from_pretrained(args.model_name_or_path)

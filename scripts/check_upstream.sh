@@ -17,20 +17,20 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 PACKAGES=(transformers peft diffusers accelerate)
 # Every method x every architecture forward, save/load, cached sampling, the key/value-prefix equality tests.
 SUBSET=(
-  tests/test_upstream_compat.py
-  tests/test_kv_prefix.py
-  tests/test_visual_prompt_reference.py
-  tests/test_visual_prompt_peft.py
-  tests/test_gated_prompt.py
-  tests/test_approx_prompt.py
-  tests/test_generative_prompt.py
-  tests/test_generative_prefix_cache.py
-  tests/test_generative_guidance.py
-  tests/test_diffusers_text_encoder.py
-  tests/test_reliability_base_untouched.py
-  tests/test_peft_common.py
-  tests/test_recipes_more.py
-  tests/test_reliability_crash_resume.py
+  tests/core/test_upstream_compat.py
+  tests/core/test_kv_prefix.py
+  tests/methods/visual_prompt/test_visual_prompt_reference.py
+  tests/methods/visual_prompt/test_visual_prompt_peft.py
+  tests/methods/gated_prompt/test_gated_prompt.py
+  tests/methods/approx_prompt/test_approx_prompt.py
+  tests/methods/generative_prompt/test_generative_prompt.py
+  tests/methods/generative_prompt/test_generative_prefix_cache.py
+  tests/methods/generative_prompt/test_generative_guidance.py
+  tests/methods/approx_prompt/test_diffusers_text_encoder.py
+  tests/reliability/test_base_untouched.py
+  tests/core/test_peft_common.py
+  tests/recipes/test_recipes_more.py
+  tests/reliability/test_crash_resume.py
 )
 if [ $# -eq 0 ]; then set -- newest oldest; fi
 

@@ -32,8 +32,12 @@ def load_accuracy(**kwargs):
 
 def __getattr__(name):
     if name == "FrechetInceptionDistance":  # imported lazily: `evaluate` and `datasets` are slow to import
+        from . import inception
         from .frechet_inception_distance.frechet_inception_distance import FrechetInceptionDistance
 
+        # Importing the metric's folder (named as `evaluate` requires) binds its name on this package to the folder;
+        # the public name is the function.
+        globals()["frechet_inception_distance"] = inception.frechet_inception_distance
         return FrechetInceptionDistance
     raise AttributeError(name)
 

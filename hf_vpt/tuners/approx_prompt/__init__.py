@@ -1,5 +1,5 @@
 from ... import flops as _flops
-from ...registry import MethodSpec, TrainingVariant, register
+from ...registry import MEASURED_ON_REAL_VIT, MethodSpec, adapter_variant, register
 from .config import ApproxPromptConfig
 from .layer import ApproxPromptBank, ApproxPromptLayer, approx_prompt_output
 from .model import ApproxPromptModel
@@ -27,12 +27,6 @@ def _extra_flops(tower, config: ApproxPromptConfig, *, seq_len: int, batch_size:
     )
 
 
-def _build_config(model, *, num_prompt_tokens: int, head_modules, **overrides) -> ApproxPromptConfig:
-    return ApproxPromptConfig(
-        num_prompt_tokens=num_prompt_tokens, modules_to_save=list(head_modules) or None, **overrides
-    )
-
-
 register(
     MethodSpec(
         name="approx_prompt",
@@ -46,16 +40,14 @@ register(
         card_usage=None,
         flops=_extra_flops,
         variants=(
-            TrainingVariant(
-                name="apt",
-                title="APT",
-                trains="adapter",
+            adapter_variant(
+                "apt",
+                "APT",
+                ApproxPromptConfig,
                 optimizer="adamw",
-                learning_rate=1e-3,
+                learning_rate=3e-3,
                 weight_decay=0.01,
-                defaults_source="recipes/image_classification.py flag defaults (digits experiment), not yet "
-                "measured on a real backbone",
-                build_config=_build_config,
+                defaults_source=MEASURED_ON_REAL_VIT,
             ),
         ),
     )

@@ -1,4 +1,4 @@
-from ...registry import MethodSpec, TrainingVariant, register
+from ...registry import MEASURED_ON_REAL_VIT, MethodSpec, adapter_variant, register
 from ..visual_prompt import prompt_flops
 from .config import GatedPromptConfig
 from .layer import GatedPromptBank, GatedPromptBlock
@@ -12,12 +12,6 @@ def _summary(config: GatedPromptConfig) -> str:
     where = "before every block" if config.depth == "deep" else "before the first block"
     temperature = " and an attention temperature per block" if config.learn_temperature else ""
     return f"{config.num_prompt_tokens} learnable prompt tokens {where}, a gate per block{temperature}"
-
-
-def _build_config(model, *, num_prompt_tokens: int, head_modules, **overrides) -> GatedPromptConfig:
-    return GatedPromptConfig(
-        num_prompt_tokens=num_prompt_tokens, modules_to_save=list(head_modules) or None, **overrides
-    )
 
 
 register(
@@ -34,16 +28,14 @@ register(
         # Gates and temperatures are element-wise: the matrix products are those of the prompts in the sequence.
         flops=prompt_flops,
         variants=(
-            TrainingVariant(
-                name="gated",
-                title="gated prompt tuning",
-                trains="adapter",
-                optimizer="sgd",
-                learning_rate=1.0,
-                weight_decay=1e-4,
-                defaults_source="recipes/image_classification.py flag defaults (digits experiment), not yet "
-                "measured on a real backbone",
-                build_config=_build_config,
+            adapter_variant(
+                "gated",
+                "gated prompt tuning",
+                GatedPromptConfig,
+                optimizer="adamw",
+                learning_rate=3e-3,
+                weight_decay=0.01,
+                defaults_source=MEASURED_ON_REAL_VIT,
             ),
         ),
     )

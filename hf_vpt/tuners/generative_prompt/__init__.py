@@ -1,4 +1,4 @@
-from ...registry import MethodSpec, TrainingVariant, register
+from ...registry import MethodSpec, adapter_variant, register
 from .config import GenerativePromptConfig
 from .generator import PromptGenerator
 from .layer import GenerativePromptBank, GenerativePromptBlock
@@ -18,13 +18,6 @@ def _summary(config: GenerativePromptConfig) -> str:
     return f"{config.num_prompt_tokens} prompt tokens per sample, generated from its class label by a small generator"
 
 
-def _build_config(model, *, num_prompt_tokens: int, head_modules, **overrides) -> GenerativePromptConfig:
-    # Generative models have no classification head; `num_classes` comes as an override (None: unconditional).
-    return GenerativePromptConfig(
-        num_prompt_tokens=num_prompt_tokens, modules_to_save=list(head_modules) or None, **overrides
-    )
-
-
 register(
     MethodSpec(
         name="generative_prompt",
@@ -38,16 +31,18 @@ register(
         card_usage=None,
         flops=None,  # no closed-form count yet: the prompts go through causal and bidirectional towers
         variants=(
-            TrainingVariant(
-                name="generative",
-                title="generative prompt tuning",
-                trains="adapter",
+            # No pretrained generator can be had on the machines we measure on: these are the settings of the
+            # ImageGPT digits study (examples/generative_digits), where they train; `num_classes` comes as an override.
+            adapter_variant(
+                "generative",
+                "generative prompt tuning",
+                GenerativePromptConfig,
                 optimizer="adamw",
                 learning_rate=1e-2,
                 weight_decay=0.0,
-                defaults_source="recipes/generative_transfer.py defaults (--learning_rate 1e-2, --weight_decay 0), "
-                "not yet measured on a real backbone",
-                build_config=_build_config,
+                defaults_source="examples/generative_digits/run.py (ImageGPT digits study, tiny generator); "
+                "not measured on a large pretrained generator",
+                task="class-conditional-generation",
             ),
         ),
     )

@@ -23,7 +23,8 @@ What the official code (`KMnP/vpt`, `src/models/vit_prompt/swin_transformer.py` 
    `b * nW + w` gets the prompts of sample `(b * nW + w) mod B`, so a sample attends to other samples' prompts and
    its prediction depends on the rest of its batch. hf_vpt pairs each sample's windows with its own prompts
    (`repeat_interleave` over windows) and averages each sample's prompt outputs over its own windows; for a batch
-   of one both agree. `tests/test_swin_prompt.py` checks that a sample's output does not depend on its batch.
+   of one both agree. `tests/methods/visual_prompt/test_swin_prompt.py` checks that a sample's output does not
+   depend on its batch.
 4. **Patch merging.** The prompts `[B, p, C]` are repeated 4× along the channel dimension (`[P, P, P, P]`, `4C`)
    and go through the merging's norm and reduction with the merged patches (`[B, p, 2C]`). hf_vpt: the same.
 5. **Deep prompts.** One `[p, C_s]` set per block, with each stage's width `C_s`. The official code keeps the first
