@@ -14,11 +14,11 @@ Protocol
   costs ~10x the CPU time on the shared 2-core machine; the chosen defaults of `--check_methods` (linear, VPT-deep)
   are then trained once more at `--check_image_size` 224, the recipe's and the issue's setting.
 * Models: `ViTForImageClassification.from_pretrained(<backbone>, num_labels=10, ignore_mismatched_sizes=True)` (a
-  fresh 10-class head from the run seed), then per method: `linear` (everything frozen but the classifier),
-  `vpt_shallow` / `vpt_deep` (`hf_vpt.VisualPromptConfig`), `gated` (`hf_vpt.GatedPromptConfig`), `apt`
-  (`hf_vpt.ApproxPromptConfig`), all with `--num_prompt_tokens` and library defaults otherwise; `lora`
-  (`peft.LoraConfig(r=8, lora_alpha=16)` on the attention query/value projections), `full` (every parameter). The
-  adapters save the classifier (`modules_to_save=["classifier"]`).
+  fresh 10-class head from the run seed), then per method: `linear` (everything frozen but the classifier), `full`
+  (every parameter), or the adapter of the `hf_vpt.registry` variant (`training_variant(method).build_config`, as
+  the recipe builds it): `vpt_shallow` / `vpt_deep`, `gated` (gate_init 3, the variant's), `apt` (rank 4), all with
+  `--num_prompt_tokens`; `lora` (r=8, lora_alpha=16 on the attention query/value projections). The adapters save
+  the classifier (`modules_to_save=["classifier"]`); each run records its config's non-default fields.
 * Training: the recipes' own `make_optimizer` (SGD momentum 0.9 or AdamW; no decay on biases and norms) and
   `train_loop` (recipes/training.py), batch `--batch_size` (32), `--epochs` (10), linear warm-up over
   `--warmup_epochs` (1) then cosine decay to 0 (`transformers.get_scheduler("cosine")`), cross-entropy, fp32.
@@ -66,7 +66,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import get_peft_model  # noqa: E402
 from transformers import AutoImageProcessor, ViTForImageClassification, get_scheduler  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -75,15 +75,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import hf_vpt  # noqa: E402
+from hf_vpt.registry import training_variant  # noqa: E402
+from recipes import training as _loop  # noqa: E402  (the recipes' one shared loop)
 
 
-try:  # the recipes' one shared loop (it moved from recipes/_common.py to recipes/training.py in issue 15)
-    from recipes import training as _loop
-except ImportError:
-    from recipes import _common as _loop
-
-
-METHODS = ("linear", "vpt_deep", "lora", "full", "apt", "vpt_shallow", "gated")  # the most wanted first
 # method -> optimiser -> learning rates (why: see the module docstring, "Grid").
 GRID = {
     "linear": {"sgd": (0.01, 0.25), "adamw": (1e-2, 1e-1)},
@@ -92,8 +87,9 @@ GRID = {
     "full": {"adamw": (1e-4, 3e-4, 1e-3)},
     "apt": {"adamw": (1e-3, 3e-3, 1e-2)},
     "vpt_shallow": {"sgd": (0.25,), "adamw": (3e-3, 1e-2, 3e-2)},
-    "gated": {"sgd": (1.0,), "adamw": (1e-3, 3e-3, 1e-2)},
+    "gated": {"sgd": (1.0,), "adamw": (3e-3, 1e-2, 3e-2)},
 }
+METHODS = tuple(GRID)  # registry training variants, the most wanted first
 SHORT_GRID = {method: {opt: lrs[:1] for opt, lrs in grid.items()} for method, grid in GRID.items()}
 WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.01}
 ABORT_LOSS = 10 * math.log(10)
@@ -134,29 +130,8 @@ def processed_pixels(backbone: Path, images: np.ndarray, image_size: int) -> tor
 # ---------------------------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------------------------
-def query_value_names(model: torch.nn.Module) -> list[str]:
-    """The attention query/value projection names of this transformers version (`q_proj`/`v_proj` in 5.x ViTs)."""
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for names in (["q_proj", "v_proj"], ["query", "value"]):
-        if set(names) <= leaves:
-            return names
-    raise ValueError(f"{type(model).__name__} has neither q_proj/v_proj nor query/value modules for LoRA.")
-
-
-def peft_config(method: str, model: torch.nn.Module, num_prompt_tokens: int):
-    head = ["classifier"]
-    if method in ("vpt_shallow", "vpt_deep"):
-        depth = method.removeprefix("vpt_")
-        return hf_vpt.VisualPromptConfig(depth=depth, num_prompt_tokens=num_prompt_tokens, modules_to_save=head)
-    if method == "gated":
-        return hf_vpt.GatedPromptConfig(num_prompt_tokens=num_prompt_tokens, modules_to_save=head)
-    if method == "apt":
-        return hf_vpt.ApproxPromptConfig(num_prompt_tokens=num_prompt_tokens, modules_to_save=head)
-    if method == "lora":
-        return LoraConfig(
-            r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=query_value_names(model), modules_to_save=head
-        )
-    raise ValueError(f"{method!r} is not an adapter method.")
+# This benchmark's protocol for the registry's config builders (the variants' own defaults otherwise).
+CONFIG_OVERRIDES = {"lora": {"r": LORA_RANK, "lora_alpha": LORA_ALPHA}}
 
 
 def build_model(backbone: Path, method: str, seed: int, num_prompt_tokens: int) -> torch.nn.Module:
@@ -174,7 +149,24 @@ def build_model(backbone: Path, method: str, seed: int, num_prompt_tokens: int) 
         model.requires_grad_(False)
         model.classifier.requires_grad_(True)
         return model
-    return get_peft_model(model, peft_config(method, model, num_prompt_tokens))
+    config = training_variant(method).build_config(
+        model, num_prompt_tokens=num_prompt_tokens, head_modules=["classifier"], **CONFIG_OVERRIDES.get(method, {})
+    )
+    return get_peft_model(model, config)
+
+
+def config_fields(model: torch.nn.Module) -> dict:
+    """The adapter config's scalar fields that differ from the config class's defaults (recorded with each run, so
+    that a row says e.g. which `gate_init` it trained with)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return {}
+    default = type(config)()
+    return {
+        name: value
+        for name, value in vars(config).items()
+        if isinstance(value, (bool, int, float, str)) and value != getattr(default, name, None)
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,6 +247,7 @@ def train_one(backbone: Path, method: str, optimizer_name: str, lr: float, data:
         "diverged": diverged,
         "aborted": aborted,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "config_fields": config_fields(accelerator.unwrap_model(model)),
         "loss_curve": [round(value, 4) for value in losses],
         "wall_s": round(wall, 1),
     }

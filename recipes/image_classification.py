@@ -283,6 +283,7 @@ def main(argv=None) -> dict:
         "train_steps": step,
         "trainable_parameters": trainable,
         "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
     }
     if accelerator.is_main_process:
         processor.save_pretrained(args.output_dir)

@@ -258,7 +258,26 @@ def make_accelerator(args):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     args.trackers = trackers
+    warn_if_engine_not_applied(accelerator)
     return accelerator
+
+
+# The launcher's engine settings (`accelerate launch --config_file` with FSDP or DeepSpeed) as environment flags.
+ENGINE_FLAGS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def warn_if_engine_not_applied(accelerator) -> None:
+    """Say so when the launcher asked for FSDP or DeepSpeed but accelerate runs plain data parallelism: accelerate
+    applies neither on CPU processes (`ACCELERATE_USE_CPU` or no accelerator) and falls back to DDP without a word,
+    so the model is then replicated, not sharded."""
+    asked = [name for flag, name in ENGINE_FLAGS.items() if os.environ.get(flag, "false").lower() == "true"]
+    running = accelerator.distributed_type.value
+    if asked and running not in ("FSDP", "DEEPSPEED"):
+        accelerator.print(
+            f"Warning: the launcher asked for {asked[0]}, but accelerate runs {running} on "
+            f"{accelerator.device.type} processes (it applies FSDP and DeepSpeed on accelerators only): every process "
+            "holds the whole model. Launch on GPUs to shard it."
+        )
 
 
 def init_trackers(accelerator, args, project_name: str) -> None:

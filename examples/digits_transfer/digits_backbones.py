@@ -37,6 +37,36 @@ def supervised_settings(args) -> dict:
     }
 
 
+def pretrain_classifier(args, accelerator, model, pixels: torch.Tensor, labels: torch.Tensor, desc: str):
+    """Train `model` (freshly built after `set_seed(args.pretrain_seed)`) to classify digits 0-4 with the study's
+    pretraining settings (AdamW, no decay on biases and norms, warm-up then cosine, random affine augmentation);
+    returns (the trained model, {"heldout_accuracy", "pretrain_time_s"}) as `cached_pretraining` wants them."""
+    train_idx, held_idx = pretrain_split(labels, args.pretrain_seed)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": args.pretrain_weight_decay},
+            {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=args.pretrain_lr,
+    )
+    train = TensorDataset(pixels[train_idx], labels[train_idx])
+    model, seconds, _ = fit(
+        accelerator,
+        model,
+        optimizer,
+        digits_loader(train, args.pretrain_batch_size, True, args.pretrain_seed),
+        epochs=args.pretrain_epochs,
+        warmup_epochs=max(1, args.pretrain_epochs // 10),
+        augment=random_affine,
+        desc=desc,
+        progress=args.progress,
+        output_dir=args.output_dir,
+    )
+    held_out = digits_loader(TensorDataset(pixels[held_idx], labels[held_idx]), args.eval_batch_size, False)
+    info = {"heldout_accuracy": evaluate(accelerator, model, held_out), "pretrain_time_s": seconds}
+    return accelerator.unwrap_model(model), info
+
+
 def supervised_backbone(args, accelerator, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
     """Pretrain the small ViT on digits 0-4 (held-out accuracy recorded), or reuse the cached copy."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -44,7 +74,6 @@ def supervised_backbone(args, accelerator, pixels: torch.Tensor, labels: torch.T
     settings = supervised_settings(args)
 
     def pretrain():
-        train_idx, held_idx = pretrain_split(labels, args.pretrain_seed)
         set_seed(args.pretrain_seed)
         config = ViTConfig(
             image_size=args.image_size,
@@ -59,29 +88,7 @@ def supervised_backbone(args, accelerator, pixels: torch.Tensor, labels: torch.T
             label2id={str(c): i for i, c in enumerate(PRETRAIN_CLASSES)},
         )
         model = ViTForImageClassification(config)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": args.pretrain_weight_decay},
-                {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
-            ],
-            lr=args.pretrain_lr,
-        )
-        train = TensorDataset(pixels[train_idx], labels[train_idx])
-        model, seconds, _ = fit(
-            accelerator,
-            model,
-            optimizer,
-            digits_loader(train, args.pretrain_batch_size, True, args.pretrain_seed),
-            epochs=args.pretrain_epochs,
-            warmup_epochs=max(1, args.pretrain_epochs // 10),
-            augment=random_affine,
-            desc="pretrain ViT on digits 0-4",
-            progress=args.progress,
-            output_dir=args.output_dir,
-        )
-        held_out = digits_loader(TensorDataset(pixels[held_idx], labels[held_idx]), args.eval_batch_size, False)
-        info = {"heldout_accuracy": evaluate(accelerator, model, held_out), "pretrain_time_s": seconds}
-        return accelerator.unwrap_model(model), info
+        return pretrain_classifier(args, accelerator, model, pixels, labels, "pretrain ViT on digits 0-4")
 
     backbone = cached_pretraining(accelerator, args.cache_dir, "digits_vit", settings, pretrain)
     accelerator.free_memory()

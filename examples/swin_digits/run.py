@@ -40,14 +40,13 @@ if DIGITS_DIR not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
+from digits_backbones import pretrain_classifier  # noqa: E402
 from digits_data import (  # noqa: E402
     PRETRAIN_CLASSES,
     TRANSFER_CLASSES,
     digits_loader,
     few_shot_split,
     load_digit_tensors,
-    pretrain_split,
-    random_affine,
 )
 from digits_study import save_adapter  # noqa: E402
 from digits_training import count_trainable, evaluate, fit, make_optimizer, prepare_for_method  # noqa: E402
@@ -216,32 +215,9 @@ def swin_backbone(args, accelerator, pixels: torch.Tensor, labels: torch.Tensor)
     from transformers import SwinForImageClassification
 
     def pretrain():
-        train_idx, held_idx = pretrain_split(labels, args.pretrain_seed)
         set_seed(args.pretrain_seed)
         model = SwinForImageClassification(swin_config(args, len(PRETRAIN_CLASSES), PRETRAIN_CLASSES))
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": args.pretrain_weight_decay},
-                {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
-            ],
-            lr=args.pretrain_lr,
-        )
-        train = TensorDataset(pixels[train_idx], labels[train_idx])
-        model, seconds, _ = fit(
-            accelerator,
-            model,
-            optimizer,
-            digits_loader(train, args.pretrain_batch_size, True, args.pretrain_seed),
-            epochs=args.pretrain_epochs,
-            warmup_epochs=max(1, args.pretrain_epochs // 10),
-            augment=random_affine,
-            desc="pretrain Swin on digits 0-4",
-            progress=args.progress,
-            output_dir=args.output_dir,
-        )
-        held_out = digits_loader(TensorDataset(pixels[held_idx], labels[held_idx]), args.eval_batch_size, False)
-        info = {"heldout_accuracy": evaluate(accelerator, model, held_out), "pretrain_time_s": seconds}
-        return accelerator.unwrap_model(model), info
+        return pretrain_classifier(args, accelerator, model, pixels, labels, "pretrain Swin on digits 0-4")
 
     backbone = cached_pretraining(accelerator, args.cache_dir, "digits_swin", backbone_settings(args), pretrain)
     accelerator.free_memory()

@@ -28,14 +28,18 @@ register(
         # Gates and temperatures are element-wise: the matrix products are those of the prompts in the sequence.
         flops=prompt_flops,
         variants=(
+            # gate_init 3 (gates start at sigmoid(-3) = 0.05) rather than the config's 10: from 10 the gates stay
+            # shut through a short AdamW run (a logit moves about lr per step), the prompts reach every block
+            # unchanged, and on DeiT-Tiny the model does not train (36 % against 90 %; README, "Recipe defaults").
             adapter_variant(
                 "gated",
                 "gated prompt tuning",
                 GatedPromptConfig,
                 optimizer="adamw",
-                learning_rate=3e-3,
+                learning_rate=3e-2,
                 weight_decay=0.01,
                 defaults_source=MEASURED_ON_REAL_VIT,
+                gate_init=3.0,
             ),
         ),
     )
