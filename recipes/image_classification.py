@@ -119,7 +119,9 @@ def load_image_dataset(data_args, seed: int):
         files = {"train": os.path.join(data_args.train_dir, "**")}
         if data_args.validation_dir:
             files["validation"] = os.path.join(data_args.validation_dir, "**")
-        dataset = load_dataset("imagefolder", data_files=files)
+        # Labels from the class sub-folders even when the train and validation folders have different parents
+        # (datasets only infers them by itself when every file shares one layout under a common root).
+        dataset = load_dataset("imagefolder", data_files=files, drop_labels=False)
     train = dataset["train"]
     for column in (data_args.image_column_name, data_args.label_column_name):
         if column not in train.column_names:

@@ -4,6 +4,7 @@ options from JSON/YAML, bit-exact resume with adapter-only checkpoints, bf16 fro
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -96,6 +97,18 @@ def test_every_method_trains_saves_and_reloads(tiny, tmp_path, method):
     torch.testing.assert_close(logits(reloaded), logits(trained), rtol=0, atol=1e-6)
     # a fresh model with its new random head disagrees: the comparison above is not vacuous
     assert not torch.allclose(logits(fresh_base(tiny)), logits(trained), atol=1e-3)
+
+
+def test_train_and_validation_folders_with_different_parents(tiny, tmp_path):
+    """`--validation_dir` elsewhere than `--train_dir` (e.g. a held-out set in another place): the class names come
+    from the sub-folders of both, as one label set."""
+    elsewhere = tmp_path / "somewhere" / "held-out"
+    shutil.copytree(tiny / "val", elsewhere)
+    _, data_args, _ = recipe.parse_args(base_args(tiny, tmp_path / "out", "--validation_dir", str(elsewhere)))
+    train, validation, names = recipe.load_image_dataset(data_args, seed=0)
+    assert names == LABELS
+    assert sorted(set(validation["label"])) == [0, 1] and len(validation) == 2 * 3
+    assert sorted(set(train["label"])) == [0, 1]
 
 
 def test_options_from_json_and_yaml_files(tiny, tmp_path, capsys):
