@@ -5,9 +5,9 @@
 `pretrain()` runs on every process (it may be distributed) and returns `(model, info)`; the main process saves the
 model with `save_pretrained` and `info` (JSON) as pretraining.json into `<cache_dir>/<name>_<hash of settings>`,
 written into a staging folder and renamed, so an interrupted run never leaves a half-written cache entry behind.
-Changing any setting changes the hash, so a stale backbone is never reused. The studies of this folder (the
-supervised and the MAE backbone) use it; any other pretrained-in-the-run model can (the generative digits study's
-ImageGPT: settings dict, `pretrain()` returning the model and its held-out NLL).
+Changing any setting changes the hash, so a stale backbone is never reused. Every study in examples/ uses it: the
+supervised and MAE ViTs here (`digits_vit`, `digits_vit_mae`), the Swin of examples/swin_digits (`digits_swin`) and the
+generators of the two generative studies (`digits_imagegpt`, `digits_uvit2d`).
 """
 
 from __future__ import annotations
