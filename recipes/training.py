@@ -340,6 +340,11 @@ def steps_per_epoch(num_batches: int, args) -> int:
 
 def resolve_max_train_steps(args, num_batches: int) -> int:
     """`--max_train_steps`, or `--num_train_epochs` x optimiser steps per epoch (of the prepared loader)."""
+    if num_batches == 0:  # the loop would go round empty epochs for ever
+        raise ValueError(
+            "The training data loader is empty: no training examples, or fewer than the number of processes. "
+            "Check the training data (--train_dir / --dataset_name / --train_file, --max_train_samples)."
+        )
     if getattr(args, "max_train_steps", None) is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch(num_batches, args)
     return args.max_train_steps

@@ -99,6 +99,15 @@ def test_every_method_trains_saves_and_reloads(tiny, tmp_path, method):
     assert not torch.allclose(logits(fresh_base(tiny)), logits(trained), atol=1e-3)
 
 
+def test_an_empty_training_loader_is_an_error_not_an_endless_loop():
+    from types import SimpleNamespace
+
+    import training
+
+    with pytest.raises(ValueError, match="training data loader is empty"):
+        training.resolve_max_train_steps(SimpleNamespace(max_train_steps=None, num_train_epochs=3), 0)
+
+
 def test_train_and_validation_folders_with_different_parents(tiny, tmp_path):
     """`--validation_dir` elsewhere than `--train_dir` (e.g. a held-out set in another place): the class names come
     from the sub-folders of both, as one label set."""
