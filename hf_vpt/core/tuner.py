@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._compat import AuxiliaryTrainingWrapper, BaseTuner, check_tower, tuner_state_dict_key_prefixes
+from .._compat import (
+    AuxiliaryTrainingWrapper,
+    BaseTuner,
+    block_uses_gradient_checkpointing,
+    check_tower,
+    tuner_state_dict_key_prefixes,
+)
 from ..layouts import Tower, select_towers
 from .config import AdapterLoadError
 from .kv_prefix import disable_prefix_attention, enable_prefix_attention
@@ -232,6 +238,11 @@ class PromptTunerModel(BaseTuner):
             for module in self.model.modules():
                 if isinstance(module, AuxiliaryTrainingWrapper):  # a head in `modules_to_save` trains
                     module.train(True)
+                elif block_uses_gradient_checkpointing(module):
+                    # transformers checkpoints only `if self.gradient_checkpointing and self.training`: the layer
+                    # itself (not its dropouts) keeps training mode, or gradient_checkpointing_enable() would do
+                    # nothing under backbone_eval.
+                    module.training = True
         return self
 
     def _backbone_eval(self) -> bool:

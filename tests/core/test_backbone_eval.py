@@ -98,3 +98,22 @@ def test_backbone_eval_round_trips_and_is_validated(tmp_path):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(saved))
     with pytest.raises(ConfigValueError, match="`backbone_eval` must be"):
         PeftConfig.from_pretrained(tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("backbone_eval", [True, False])
+def test_gradient_checkpointing_still_recomputes_under_backbone_eval(backbone_eval):
+    """With `gradient_checkpointing_enable()` a block's query projection runs twice per forward + backward (once again in the
+    backward); backbone_eval must not switch that off, and must still keep the dropouts off."""
+    model = get_peft_model(
+        _backbone(), hf_vpt.VisualPromptConfig(num_prompt_tokens=3, depth="deep", backbone_eval=backbone_eval)
+    )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    calls = []
+    query = next(m for name, m in model.base_model.model.vit.named_modules() if name.endswith("q_proj"))
+    query.register_forward_hook(lambda *args: calls.append(1))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model(pixel_values=pixels).logits.sum().backward()
+    assert len(calls) == 2
+    dropouts = [m for m in model.base_model.model.vit.modules() if isinstance(m, torch.nn.Dropout)]
+    assert any(m.training for m in dropouts) is not backbone_eval
