@@ -358,6 +358,10 @@ def _trainer_card(readme_path: str) -> dict:
     return {"metadata": metadata, "text": body}
 
 
+# The keys of `model_card_facts`: facts of the saved model, not training details to keep in CARD_DATA_FILE.
+MODEL_FACT_KEYS = frozenset({"base_model_class", "base_model_library", "head", "num_labels", "labels"})
+
+
 def write_model_card(save_directory: str, config, *, model=None, **card_data) -> str:
     """Write README.md for the adapter in `save_directory`; training details given once are kept on re-save.
 
@@ -377,11 +381,15 @@ def write_model_card(save_directory: str, config, *, model=None, **card_data) ->
         stored["trainer_card"] = _trainer_card(path)
     elif KEEP_USER_MODEL_CARD.get() and os.path.isfile(path) and not written_by_hf_vpt(path):
         return path
-    card_data = {**stored, **card_data}
+    # What the model says about itself (head, labels, base class) is read fresh on every save and never stored, so a
+    # re-save of another model into the folder cannot show the old one's labels; stored training details (dataset,
+    # metrics, command) are kept, and what this call passes wins over both.
+    stored = {key: value for key, value in stored.items() if key not in MODEL_FACT_KEYS}
+    kept = {key: value for key, value in {**stored, **card_data}.items() if key not in MODEL_FACT_KEYS}
     with open(data_path, "w", encoding="utf-8") as handle:
-        json.dump({LOAD_NOTE_KEY: LOAD_NOTE, **card_data}, handle, indent=2, sort_keys=True)
+        json.dump({LOAD_NOTE_KEY: LOAD_NOTE, **kept}, handle, indent=2, sort_keys=True)
     facts = model_card_facts(model) if model is not None else MODEL_CARD_FACTS.get()
-    render_data = {**(facts or {}), **card_data}
+    render_data = {**stored, **(facts or {}), **card_data}
     render_data.setdefault("adapter_id", save_directory)
     config_path = os.path.join(save_directory, "adapter_config.json")
     if "base_model_class" not in render_data and os.path.isfile(config_path):

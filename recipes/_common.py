@@ -137,7 +137,7 @@ def save_adapter(
     in from the model. A model without a PEFT adapter (full fine-tuning, linear probing) is saved whole, without
     an hf_vpt card.
     """
-    from hf_vpt.hub import write_model_card
+    from hf_vpt.hub import KEEP_USER_MODEL_CARD, write_model_card, written_by_hf_vpt
 
     accelerator.wait_for_everyone()
     # Under FSDP or ZeRO-3 each process holds shards: gather the full state dict (a collective, every process takes
@@ -146,6 +146,8 @@ def save_adapter(
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         os.makedirs(folder, exist_ok=True)
+        readme = os.path.join(folder, "README.md")
+        users_card = os.path.isfile(readme) and not written_by_hf_vpt(readme)  # before PEFT writes its own
         if save_fn is not None:
             save_fn(folder)
         else:
@@ -156,15 +158,20 @@ def save_adapter(
                 base_class = type(unwrapped.get_base_model())
                 card.setdefault("base_model_class", base_class.__name__)
                 card.setdefault("base_model_library", base_class.__module__)
-            write_model_card(
-                folder,
-                config,
-                dataset=dataset,
-                metrics={k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
-                command=command,
-                trainable_parameters=trainable,
-                **card,
-            )
+            # A README.md the user had in the folder before the save is theirs: keep it.
+            keep = KEEP_USER_MODEL_CARD.set(users_card)
+            try:
+                write_model_card(
+                    folder,
+                    config,
+                    dataset=dataset,
+                    metrics={k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
+                    command=command,
+                    trainable_parameters=trainable,
+                    **card,
+                )
+            finally:
+                KEEP_USER_MODEL_CARD.reset(keep)
     accelerator.wait_for_everyone()
     return folder
 

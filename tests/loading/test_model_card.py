@@ -344,3 +344,55 @@ def test_card_snippet_runs_after_a_recipe_style_save(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(logits, model(pixel_values=pixel_values).logits)
     assert printed in LABELS
+
+
+def test_a_resave_of_another_model_shows_its_own_labels_not_the_stored_ones(tmp_path):
+    """Training details given once are kept on re-save; what the model says about itself (head, labels) is read
+    fresh every time, so saving a 2-label model where a 3-label one was saved does not keep the old labels."""
+    config = hf_vpt.VisualPromptConfig(num_prompt_tokens=2, modules_to_save=["classifier"])
+    names = ["ant", "bee", "cow"]
+    torch.manual_seed(0)
+    first = get_peft_model(
+        tiny_vit(num_labels=3, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}), config
+    )
+    first.save_pretrained(tmp_path)
+    write_model_card(tmp_path, first.peft_config["default"], model=first, dataset="zoo", labels=names, num_labels=3)
+    stored = json.loads((tmp_path / "hf_vpt_card.json").read_text())
+    assert stored["dataset"] == "zoo" and "labels" not in stored and "num_labels" not in stored
+
+    second = get_peft_model(
+        tiny_vit(num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1}),
+        hf_vpt.VisualPromptConfig(num_prompt_tokens=2, modules_to_save=["classifier"]),
+    )
+    second.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "`classifier` (2 labels)" in card and "cow" not in card
+    assert "zoo" in card  # the training details stay
+
+
+def test_recipe_save_keeps_a_users_own_readme(tmp_path):
+    """`recipes/_common.save_adapter` (save_pretrained, then the card with training details) leaves a README.md
+    that the user wrote in the folder alone, as save_pretrained itself does."""
+    import sys
+    from pathlib import Path
+
+    from accelerate import Accelerator
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
+    import _common
+
+    (tmp_path / "README.md").write_text("# my own notes\n")
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_vit(num_labels=3), hf_vpt.VisualPromptConfig(num_prompt_tokens=2))
+    _common.save_adapter(
+        Accelerator(cpu=True),
+        model,
+        str(tmp_path),
+        dataset="zoo",
+        metrics={"accuracy": 0.5},
+        command="python x.py",
+        trainable="1 of 2",
+    )
+    card = (tmp_path / "README.md").read_text()  # PEFT adds its metadata to any card, as for every adapter
+    assert "# my own notes" in card and "import hf_vpt" not in card
+    assert (tmp_path / "adapter_model.safetensors").is_file()
