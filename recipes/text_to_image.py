@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         text_encoder,
         folder,
         dataset=dataset,
-        metrics={"final_train_steps": step},
+        metrics={},  # no evaluation metric: the step count is in the command and all_results.json, not model-index
         command=args.command,
         trainable=trainable,
         save_fn=lambda path: hf_vpt.save_text_encoder_adapter(pipe, path),
