@@ -16,7 +16,9 @@ from . import _registry
 
 
 TRAINS = ("adapter", "head", "all")
-TASKS = ("image-classification", "class-conditional-generation")
+# What a variant adapts a model for: image classification (a ViT and its kin), vision-language understanding (ViLT's
+# joint transformer: VQA, NLVR2), text-to-image (the text encoder of a Stable Diffusion pipeline), and generation.
+TASKS = ("image-classification", "vision-language", "text-to-image", "class-conditional-generation")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -39,14 +41,18 @@ class TrainingVariant:
     weight_decay: float
     defaults_source: str
     build_config: Callable | None
-    # What the variant trains a model for; the recipes and benches offer the variants of their task.
-    task: str = "image-classification"
+    # What the variant adapts a model for (`TASKS`); the recipes and benches offer the variants of their task. The
+    # learning-rate defaults were measured on the first.
+    tasks: tuple[str, ...] = ("image-classification",)
     # Set by `register`: the `MethodSpec.name` this variant belongs to (None for linear probing and full tuning).
     method: str | None = None
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"TrainingVariant {self.name!r}: `task` must be one of {TASKS}; got {self.task!r}.")
+        unknown = [task for task in self.tasks if task not in TASKS] if isinstance(self.tasks, tuple) else [self.tasks]
+        if unknown or not self.tasks:
+            raise ValueError(
+                f"TrainingVariant {self.name!r}: `tasks` must be a non-empty tuple of {TASKS}; got {self.tasks!r}."
+            )
         if self.trains not in TRAINS:
             raise ValueError(f"TrainingVariant {self.name!r}: `trains` must be one of {TRAINS}; got {self.trains!r}.")
         if self.optimizer not in OPTIMIZERS:
@@ -87,7 +93,7 @@ def adapter_variant(
     learning_rate: float,
     weight_decay: float,
     defaults_source: str,
-    task: str = "image-classification",
+    tasks: tuple[str, ...] = ("image-classification",),
     **fixed_fields,
 ) -> TrainingVariant:
     """A variant that trains the adapter `config_cls(num_prompt_tokens=..., **fixed_fields)`, the classification head
@@ -107,7 +113,7 @@ def adapter_variant(
         weight_decay=weight_decay,
         defaults_source=defaults_source,
         build_config=build_config,
-        task=task,
+        tasks=tasks,
     )
 
 
@@ -231,7 +237,7 @@ def training_variants(task: str | None = None) -> tuple[TrainingVariant, ...]:
     if task is not None and task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of: {', '.join(TASKS)}.")
     variants = (*(variant for spec in _METHODS.values() for variant in spec.variants), *_BASELINES.values())
-    return tuple(variant for variant in variants if task in (None, variant.task))
+    return tuple(variant for variant in variants if task is None or task in variant.tasks)
 
 
 def training_variant(name: str) -> TrainingVariant:

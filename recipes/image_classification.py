@@ -261,7 +261,6 @@ def main(argv=None) -> dict:
     )
     summary = {"steps": step, "finished": finished, "mixed_precision": accelerator.mixed_precision}
     if not finished:
-        accelerator.print(f"Stopped after {step} steps; continue with --resume_from_checkpoint latest.")
         accelerator.end_training()
         return summary
 

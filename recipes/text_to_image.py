@@ -40,8 +40,8 @@ import hf_vpt  # noqa: E402
 TINY_SIZE = 32
 TINY_CAPTIONS = ["a red square", "a green square", "a blue square", "a yellow square"]
 TINY_COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 30)]
-# The variants that adapt a CLIP text encoder (hf_vpt.attach_text_encoder_adapter).
-METHODS = tuple(hf_vpt.registry.training_variant(name).name for name in ("apt", "vpt_deep"))
+# The variants that adapt a CLIP text encoder (hf_vpt.attach_text_encoder_adapter), declared with their methods.
+METHODS = tuple(variant.name for variant in hf_vpt.registry.training_variants("text-to-image"))
 
 
 @dataclass
@@ -192,7 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
     training.init_trackers(accelerator, args, "text_to_image")
     noise_scheduler = pipe.scheduler
     scaling = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
-    noise_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    # latents, noise and timesteps: re-seeded every step by the loop, so that a resumed run draws as the
+    # uninterrupted one did
+    draws = training.StepSeededGenerator(args.seed, accelerator.device, accelerator.process_index)
+    noise_generator = draws.generator
 
     def loss_fn(batch):
         with torch.no_grad():
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     metrics, step, finished = training.train_loop(
-        accelerator, args, text_encoder, optimizer, scheduler, loader, loss_fn, evaluate_fn
+        accelerator, args, text_encoder, optimizer, scheduler, loader, loss_fn, evaluate_fn, step_generators=[draws]
     )
     results = {"method": args.method, "steps": step, "trainable parameters": trainable}
     if not finished:

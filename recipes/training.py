@@ -89,7 +89,10 @@ class TrainingArguments:
     )
     stop_after_steps: int | None = field(
         default=None,
-        metadata={"help": "Stop (as if interrupted) after this many steps; the schedule still runs to its end."},
+        metadata={
+            "help": "Stop (as if interrupted) after this many steps, writing a checkpoint there; the schedule still "
+            "runs to its end."
+        },
     )
     report_to: str = field(
         default="none",
@@ -293,11 +296,6 @@ def training_variant(method: str):
     return lookup(method)
 
 
-def default_optimizer_name(method: str) -> str:
-    """The optimiser the registry gives `method` ('sgd' or 'adamw')."""
-    return training_variant(method).optimizer
-
-
 def resolved_hyperparameters(args, method: str) -> dict:
     """`--optimizer`, `--learning_rate`, `--weight_decay`, each the variant's registry default where not given."""
     variant = training_variant(method)
@@ -368,13 +366,31 @@ def make_scheduler(accelerator, optimizer, args):
     )
 
 
-scheduler_for = make_scheduler  # the name the recipes used before
-
-
 def seeded_generator(seed: int) -> torch.Generator:
     """A generator for `DataLoader(generator=...)`: creating an iterator then never draws from the global RNG, so
     that a resumed run sees the same random stream as an uninterrupted one."""
     return torch.Generator().manual_seed(seed)
+
+
+class StepSeededGenerator:
+    """A `torch.Generator` for a recipe's own draws in the loss (masks, noise, timesteps) that `train_loop` re-seeds
+    from (seed, process index, optimiser step) before every optimiser step.
+
+    A resumed run then draws exactly what the uninterrupted one drew from that step on, with no generator state in
+    the checkpoint (accelerate saves custom state from the main process only, which would hand every process rank 0's
+    stream), and each process draws its own numbers. Pass it to `train_loop(step_generators=[...])` and draw from
+    `.generator`.
+    """
+
+    def __init__(self, seed: int, device, process_index: int = 0):
+        self.seed, self.process_index = int(seed), int(process_index)
+        self.generator = torch.Generator(device=device)
+        self.start_step(0)
+
+    def start_step(self, step: int) -> None:
+        """Re-seed for optimiser step `step` (0 for the first): distinct, reproducible seeds per (seed, process, step)."""
+        mixed = ((self.seed * 1_000_003 + self.process_index) * 1_000_003 + int(step)) % (2**63 - 1)
+        self.generator.manual_seed(mixed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -481,8 +497,17 @@ def save_checkpoint(accelerator, output_dir, step, batches_per_epoch, extra=None
     if accelerator.is_main_process:
         with open(os.path.join(folder, TRAINING_STATE_FILE), "w", encoding="utf-8") as handle:
             json.dump({"step": step, "batches_per_epoch": batches_per_epoch, **(extra or {})}, handle)
+        later = [path for path in list_checkpoints(output_dir) if resume_step(path) > step]
+        if later:  # left by another run in this folder: `--resume_from_checkpoint latest` would pick them, not ours
+            accelerator.print(
+                f"Warning: {output_dir} holds checkpoints of a later step from another run ({os.path.basename(later[-1])}"
+                f"); `--resume_from_checkpoint latest` would resume from it. Pass {folder} explicitly, or use a fresh "
+                "--output_dir."
+            )
         if total_limit:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
+            # The newest `total_limit`, counting the one just written, which is never among those removed.
+            others = [path for path in list_checkpoints(output_dir) if path != folder]
+            for old in others[: max(0, len(others) - (total_limit - 1))]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return folder
@@ -562,12 +587,16 @@ def train_loop(
     evaluate_fn=None,
     on_step=None,
     *,
+    step_generators=(),
     desc="train",
 ):
     """The shared loop: gradient accumulation, clipping, logging, evaluation, checkpoints, resume, early stop.
 
     `loss_fn(batch) -> loss tensor` (it runs under accelerate's autocast); `evaluate_fn(step) -> dict of metrics`
-    (every `--eval_steps` and at the end, on every process); `on_step(step)` after each optimiser step. Reads from
+    (every `--eval_steps` and at the end, on every process); `on_step(step)` after each optimiser step;
+    `step_generators` (`StepSeededGenerator`s the loss draws from) are re-seeded before every step. Stopping early
+    (`--stop_after_steps`) writes a checkpoint at the stop, so that `--resume_from_checkpoint latest` goes on from
+    there. Reads from
     `args`: `max_train_steps` (required: see `resolve_max_train_steps`), `gradient_accumulation_steps`,
     `output_dir`, and if present `checkpointing_steps` (int or 'epoch'), `checkpoints_total_limit`,
     `resume_from_checkpoint`, `stop_after_steps`, `logging_steps`, `eval_steps`, `max_grad_norm`, `disable_tqdm`.
@@ -587,6 +616,9 @@ def train_loop(
     bar = progress_bar(accelerator, args, total=args.max_train_steps, initial=step, desc=desc)
     epoch, skip = state.epoch, state.batches_to_skip
     extra = {"max_train_steps": args.max_train_steps}
+    saved_at = None
+    for generator in step_generators:
+        generator.start_step(step)
     model.train()
     while step < stop_at:
         for batch in epoch_batches(accelerator, dataloader, epoch, skip):
@@ -602,6 +634,8 @@ def train_loop(
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            for generator in step_generators:
+                generator.start_step(step)
             bar.update(1)
             if step % logging_steps == 0:
                 logged = {"train/loss": accelerator.gather(loss.detach().float()[None]).mean().item()}
@@ -612,7 +646,7 @@ def train_loop(
                 on_step(step)
             epoch_done = step % per_epoch == 0
             if (isinstance(every, int) and step % every == 0) or (every == "epoch" and epoch_done):
-                save_checkpoint(accelerator, args.output_dir, step, batches_per_epoch, extra, limit)
+                saved_at = save_checkpoint(accelerator, args.output_dir, step, batches_per_epoch, extra, limit)
             if evaluate_fn is not None and eval_steps and step % eval_steps == 0 and step < stop_at:
                 metrics = evaluate_fn(step)
                 _log_metrics(accelerator, metrics, step)
@@ -622,6 +656,13 @@ def train_loop(
         epoch, skip = epoch + 1, 0
     bar.close()
     finished = step >= args.max_train_steps
+    if not finished:  # stopped early: the checkpoint of this step is where a resumed run goes on
+        if saved_at != checkpoint_dir(args.output_dir, step):
+            saved_at = save_checkpoint(accelerator, args.output_dir, step, batches_per_epoch, extra, limit)
+        accelerator.print(
+            f"Stopped after {step} of {args.max_train_steps} steps (--stop_after_steps); continue with "
+            f"--resume_from_checkpoint latest (or {saved_at})."
+        )
     if evaluate_fn is not None and finished:
         metrics = evaluate_fn(step)
         _log_metrics(accelerator, metrics, step)

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import training  # noqa: E402
 
-import hf_vpt  # noqa: E402, F401  (registers the methods with PEFT)
+import hf_vpt  # noqa: E402  (also registers the methods with PEFT)
 from hf_vpt.testing_utils import tiny_vilt  # noqa: E402
 
 
@@ -52,8 +52,8 @@ TINY_WORDS = ["what", "color", "is", "the", "square", "?", "left", "right", "ima
 TINY_WORDS += list(COLOURS)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TINY_IMAGE_SIZE = 32
-# The variants whose configs adapt ViLT's joint vision-language transformer.
-METHODS = tuple(name for name in ("apt", "vpt_deep") if training.training_variant(name))
+# The variants that adapt ViLT's joint vision-language transformer (declared with their methods: hf_vpt.registry).
+METHODS = tuple(variant.name for variant in hf_vpt.registry.training_variants("vision-language"))
 
 
 @dataclass
@@ -401,7 +401,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results = {"method": args.method, "task": args.task, "steps": step, **metrics, "trainable parameters": trainable}
     if not finished:
-        accelerator.print(f"Stopped after {step} steps (--stop_after_steps); resume with --resume_from_checkpoint.")
         return results
     folder = os.path.join(args.output_dir, "adapter")
     dataset = "synthetic coloured squares (--tiny)" if args.tiny else (args.dataset_name or args.train_file)

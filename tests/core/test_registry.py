@@ -177,6 +177,26 @@ def test_training_variants_cover_the_methods_and_baselines():
     assert training_variant("vpt_deep").accepts("readout") and not training_variant("apt").accepts("readout")
 
 
+def test_variants_are_offered_by_the_tasks_they_declare():
+    """The recipes' `--method` choices come from the variants' declared tasks, not from lists in the recipes."""
+
+    def names(task):
+        return {variant.name for variant in training_variants(task)}
+
+    assert names("vision-language") == names("text-to-image") == {"vpt_deep", "apt"}
+    assert names("class-conditional-generation") == {"generative"}
+    assert {"vpt_shallow", "vpt_deep", "gated", "apt", "linear", "lora", "full"} <= names("image-classification")
+    assert "generative" not in names("image-classification")
+    with pytest.raises(ValueError, match="Unknown task 'segmentation'; choose one of: image-classification"):
+        training_variants("segmentation")
+    for bad in ((), ("segmentation",), "vision-language"):
+        with pytest.raises(ValueError, match="`tasks` must be a non-empty tuple of"):
+            TrainingVariant(
+                name="x", title="x", trains="head", optimizer="sgd", learning_rate=0.1, weight_decay=0.0,
+                defaults_source="test", build_config=None, tasks=bad,
+            )  # fmt: skip
+
+
 def test_variant_configs_are_the_methods_configs():
     model = _vit()
     shallow = training_variant("vpt_shallow").build_config(model, num_prompt_tokens=5, head_modules=["classifier"])

@@ -79,6 +79,54 @@ def test_vision_language_resume_is_bit_exact(tmp_path):
         assert value.dtype == torch.float32 and torch.equal(value, actual[key]), key
 
 
+def _adapter_tensors(folder) -> dict:
+    return {key: value for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")
+            for key, value in load_file(folder / name).items()}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), [("generative_transfer", ["--model", "uvit"]), ("text_to_image", ["--eval_steps", "100"])]
+)
+def test_random_draws_of_the_loss_resume_bit_exact(tmp_path, name, options):
+    """MaskGIT masks and diffusion noise/timesteps come from the recipe's own generator, re-seeded per step: a run
+    stopped at step 2 (no --checkpointing_steps: the stop itself writes the checkpoint) and resumed from 'latest'
+    ends with the adapter of an uninterrupted run, bit for bit."""
+    base = ["--max_train_steps", "4", "--per_device_train_batch_size", "4", *options, *FAST]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    _run(name, [*base, "--output_dir", str(straight)])
+    stopped = _run(name, [*base, "--output_dir", str(interrupted), "--stop_after_steps", "2"])
+    assert stopped["steps"] == 2 and not (interrupted / "adapter").exists()
+    assert sorted(path.name for path in interrupted.glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = _run(name, [*base, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"])
+    assert resumed["steps"] == 4
+    expected, actual = _adapter_tensors(straight / "adapter"), _adapter_tensors(interrupted / "adapter")
+    assert expected and sorted(expected) == sorted(actual)
+    for key, value in expected.items():
+        assert torch.equal(value, actual[key]), key
+
+
+def test_checkpoint_rotation_never_removes_the_checkpoint_just_written(tmp_path, capsys):
+    """A later-step checkpoint left in the folder by another run counts among the newest N, but the one written now
+    is always kept (and the stale one is named in a warning, since 'latest' would pick it)."""
+    from accelerate import Accelerator
+
+    training = _recipe("training")
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    stale = tmp_path / "checkpoint-10"
+    stale.mkdir()
+    (stale / training.TRAINING_STATE_FILE).write_text('{"step": 10}')
+    training.save_checkpoint(accelerator, str(tmp_path), 2, 5, total_limit=1)
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    training.save_checkpoint(accelerator, str(tmp_path), 4, 5, total_limit=2)
+    stale.mkdir()
+    (stale / training.TRAINING_STATE_FILE).write_text('{"step": 10}')
+    capsys.readouterr()
+    training.save_checkpoint(accelerator, str(tmp_path), 6, 5, total_limit=2)
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-6"]
+    assert "checkpoint-10" in capsys.readouterr().out
+
+
 def test_options_from_a_yaml_file_and_shared_flag_names(tmp_path):
     """Every recipe takes its options from one YAML file (transformers' convention) and uses the same names."""
     config = tmp_path / "run.yaml"

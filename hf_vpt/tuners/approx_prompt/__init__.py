@@ -48,6 +48,8 @@ register(
                 learning_rate=3e-3,
                 weight_decay=0.01,
                 defaults_source=MEASURED_ON_REAL_VIT,
+                # the paper's towers: ViT, ViLT, the Stable Diffusion text encoder
+                tasks=("image-classification", "vision-language", "text-to-image"),
             ),
         ),
     )

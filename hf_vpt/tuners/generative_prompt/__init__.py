@@ -42,7 +42,7 @@ register(
                 weight_decay=0.0,
                 defaults_source="examples/generative_digits/run.py (ImageGPT digits study, tiny generator); "
                 "not measured on a large pretrained generator",
-                task="class-conditional-generation",
+                tasks=("class-conditional-generation",),
             ),
         ),
     )

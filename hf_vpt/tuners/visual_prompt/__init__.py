@@ -63,6 +63,8 @@ register(
                 learning_rate=3e-3,
                 weight_decay=0.01,
                 defaults_source=MEASURED_ON_REAL_VIT,
+                # the APT paper's prompt baseline on ViLT and on the Stable Diffusion text encoder
+                tasks=("image-classification", "vision-language", "text-to-image"),
             ),
         ),
     )
