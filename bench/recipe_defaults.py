@@ -143,13 +143,14 @@ def build_model(backbone: Path, method: str, seed: int, num_prompt_tokens: int) 
             backbone, num_labels=10, id2label=labels, label2id={v: k for k, v in labels.items()},
             ignore_mismatched_sizes=True,
         )  # fmt: skip
-    if method == "full":
+    variant = training_variant(method)
+    if variant.trains == "all":
         return model.requires_grad_(True)
-    if method == "linear":
+    if variant.trains == "head":
         model.requires_grad_(False)
         model.classifier.requires_grad_(True)
         return model
-    config = training_variant(method).build_config(
+    config = variant.build_config(
         model, num_prompt_tokens=num_prompt_tokens, head_modules=["classifier"], **CONFIG_OVERRIDES.get(method, {})
     )
     return get_peft_model(model, config)
