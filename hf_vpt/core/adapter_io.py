@@ -22,7 +22,12 @@ from __future__ import annotations
 
 import os
 
-from .._compat import wrap_peft_model_card_update, wrap_peft_model_loading, wrap_transformers_adapter_loading
+from .._compat import (
+    ModulesToSaveWrapper,
+    wrap_peft_model_card_update,
+    wrap_peft_model_loading,
+    wrap_transformers_adapter_loading,
+)
 from ..hub import (
     KEEP_USER_MODEL_CARD,
     MODEL_CARD_FACTS,
@@ -34,15 +39,32 @@ from ..hub import (
 )
 from ..registry import find_method_spec
 from .config import AdapterLoadError, _locate_weights
-from .tuner import LOAD_CREATES_ADAPTER, PromptTunerModel, _roll_back_adapter
+from .tuner import (
+    LOAD_CREATES_ADAPTER,
+    TUNERS_CREATED_BY_LOAD,
+    PromptTunerModel,
+    _roll_back_adapter,
+    restore_bare_base,
+)
 
 
 def _guarded_from_pretrained(original, cls, model, model_id, *args, **kwargs):
-    token = LOAD_CREATES_ADAPTER.set(True)
+    had_peft_config = hasattr(model, "peft_config")
+    created = []
+    tokens = LOAD_CREATES_ADAPTER.set(True), TUNERS_CREATED_BY_LOAD.set(created)
     try:
         return original(cls, model, model_id, *args, **kwargs)
+    except Exception:
+        # Whatever failed (the weights, or PEFT's task-specific wrapper after the injection), the caller's model
+        # must not stay wrapped, hooked and frozen around prompts nobody loaded.
+        for tuner in created:
+            restore_bare_base(tuner)
+        if created and not had_peft_config and hasattr(model, "peft_config"):
+            del model.peft_config
+        raise
     finally:
-        LOAD_CREATES_ADAPTER.reset(token)
+        LOAD_CREATES_ADAPTER.reset(tokens[0])
+        TUNERS_CREATED_BY_LOAD.reset(tokens[1])
 
 
 def _guarded_load_adapter(original, peft_model, model_id, adapter_name, *args, **kwargs):
@@ -51,15 +73,39 @@ def _guarded_load_adapter(original, peft_model, model_id, adapter_name, *args, *
         return original(peft_model, model_id, adapter_name, *args, **kwargs)
     awaiting = getattr(tuner, "_adapters_awaiting_weights", set())
     created_here = adapter_name not in peft_model.peft_config or adapter_name in awaiting
+    heads_before = _wrapped_heads(peft_model)
     try:
         _locate_weights(str(model_id), kwargs.get("subfolder"), kwargs)  # safetensors only, before anything is read
         return original(peft_model, model_id, adapter_name, *args, **kwargs)
-    except Exception:
+    except Exception as error:
         if created_here and adapter_name in peft_model.peft_config:
             _roll_back_adapter(peft_model, adapter_name)
+            _unwrap_new_heads(peft_model, heads_before)
+        missing = error.args[0] if isinstance(error, KeyError) and error.args else None
+        if isinstance(missing, str) and missing.startswith("base_model.model."):  # PEFT's lookup of a head's tensor
+            raise AdapterLoadError(
+                f"The file of adapter '{adapter_name}' lacks {missing!r}, a tensor of a head its config declares in "
+                "`modules_to_save`. Nothing was loaded and the model is unchanged; the file and adapter_config.json "
+                "come from different adapters: save or download the adapter again."
+            ) from error
         raise
     finally:
         awaiting.discard(adapter_name)
+
+
+def _wrapped_heads(peft_model) -> set:
+    """Names of the modules PEFT has wrapped to keep a trained copy per adapter (`modules_to_save`)."""
+    return {name for name, module in peft_model.named_modules() if isinstance(module, ModulesToSaveWrapper)}
+
+
+def _unwrap_new_heads(peft_model, heads_before: set) -> None:
+    """Put back the original module of every head a refused adapter wrapped (its copy is gone with the adapter), so
+    that the module tree and state-dict keys are those from before the load."""
+    for name in sorted(_wrapped_heads(peft_model) - heads_before, key=len, reverse=True):
+        wrapper = peft_model.get_submodule(name)
+        if isinstance(wrapper, ModulesToSaveWrapper) and not len(wrapper.modules_to_save):
+            parent_name, _, child = name.rpartition(".")
+            setattr(peft_model.get_submodule(parent_name), child, wrapper.original_module)
 
 
 def _guarded_save_pretrained(original, peft_model, save_directory, *args, **kwargs):

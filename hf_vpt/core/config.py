@@ -100,6 +100,12 @@ class PromptConfigBase(PeftConfig):
                 "hf_vpt finds the transformer blocks by structure; leave `target_modules` unset (it would tie the "
                 "adapter to module names that change between transformers releases)."
             )
+        for name in ("exclude_modules", "target_parameters"):  # PEFT would act on them for any method
+            if getattr(self, name):
+                raise ValueError(
+                    f"hf_vpt adapters target no individual modules or parameters; leave `{name}` unset (got "
+                    f"{getattr(self, name)!r}). An adapter_config.json that sets it was not written by hf_vpt."
+                )
 
     def _check_shared_values(self) -> None:
         """Type checks of the values several methods share (`True`, `"0.1"` or NaN must not slip through)."""

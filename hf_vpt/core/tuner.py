@@ -10,6 +10,7 @@ block wrapper, and nothing else.
 from __future__ import annotations
 
 import contextvars
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +37,11 @@ from .surgery import strip_recorded_outputs
 # True while `PeftModel.from_pretrained` builds its PeftModel: the adapter injected then is created by the load
 # (`hf_vpt.core.loading` sets it, and removes such an adapter again if its weights do not load).
 LOAD_CREATES_ADAPTER: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_vpt_load_creates", default=False)
+# The tuners `PeftModel.from_pretrained` creates (a list while one runs): a load that fails after wrapping the
+# model (e.g. in PEFT's task-specific `PeftModel` subclass) unwraps the caller's base model through them.
+TUNERS_CREATED_BY_LOAD: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "hf_vpt_tuners_created_by_load", default=None
+)
 
 MERGE_ERROR = (
     "Prompt tuning adds tokens to the sequence; it has no weight delta that could be merged into the base model. "
@@ -84,6 +90,9 @@ class PromptTunerModel(BaseTuner):
         return getattr(self, self.prefix + "bank")
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        created = TUNERS_CREATED_BY_LOAD.get()
+        if created is not None:
+            created.append(self)
         setattr(self, self.prefix + "bank", nn.ModuleDict())
         # PEFT freezes the base model while injecting; a load that is rolled back gives the flags back.
         # By name, not by object: a reference to each Parameter would keep the full, unsharded weights alive after
@@ -117,6 +126,7 @@ class PromptTunerModel(BaseTuner):
                     f"prompt {sorted(t.kind for t in towers)}. All adapters of one model must prompt the same towers."
                 )
         self._check_fits(adapter_name, config, towers)
+        self._check_modules_to_save(adapter_name, config, model, towers)
         first_injection = not self._towers
         if first_injection:  # every upstream internal the towers' prompting relies on, before anything is wrapped
             for tower in towers:
@@ -134,6 +144,7 @@ class PromptTunerModel(BaseTuner):
         }
         try:
             config.tower_shapes = {t.kind: [t.num_layers, t.hidden_size] for t in towers}
+            _check_bank_size(adapter_name, config, model)
             device = next(towers[0].blocks.parameters()).device
             bank = self._create_bank(adapter_name, config, towers)
             # `PeftModel.from_pretrained(..., low_cpu_mem_usage=True)` builds the tuner under accelerate's
@@ -160,6 +171,34 @@ class PromptTunerModel(BaseTuner):
         self.banks[adapter_name].requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
         if self.model.training:  # a model built in training mode gets the backbone mode its adapter asks for
             self.train(True)
+
+    @staticmethod
+    def _check_modules_to_save(adapter_name: str, config, model: nn.Module, towers: list[Tower]) -> None:
+        """Refuse `modules_to_save` entries that reach into a prompted tower (its embeddings, blocks or norms).
+
+        An adapter file may carry a trained copy of every module its config names there, so a name such as "vit"
+        or "layer" would let a file replace the frozen backbone's weights. Matched the way PEFT matches them (any
+        module whose path ends with the entry).
+        """
+        entries = [entry for entry in (getattr(config, "modules_to_save", None) or []) if entry]
+        if not entries:
+            return
+        tower_params = {id(param) for tower in towers for param in tower.root.parameters()}
+        reaching = sorted(
+            {
+                entry
+                for name, module in model.named_modules(remove_duplicate=False)
+                for entry in entries
+                if name.endswith(entry) and any(id(param) in tower_params for param in module.parameters())
+            }
+        )
+        if reaching:
+            raise AdapterLoadError(
+                f"Adapter '{adapter_name}': `modules_to_save` entries {reaching} name modules that hold weights of the "
+                f"prompted tower(s) {[tower.name for tower in towers]}; an adapter may save only heads outside the "
+                "frozen backbone (e.g. 'classifier'), never the backbone itself. Name the head module only (train the "
+                "whole backbone with full fine-tuning instead). Nothing was changed."
+            )
 
     def _check_fits(self, adapter_name: str, config, towers: list[Tower]) -> None:
         """Reject an adapter recorded for other towers (hidden size, depth) before anything is changed."""
@@ -446,18 +485,27 @@ class PromptTunerModel(BaseTuner):
                 f"unexpected tensors {unexpected}, shape mismatches {mismatched}. Nothing was loaded and the model is "
                 "unchanged; check that the adapter folder belongs to this base model and method."
             )
-        # `load_state_dict` would copy integer or boolean tensors into the float prompts without a word.
+        # `load_state_dict` would copy integer or boolean tensors into the float prompts and heads without a word.
         not_float = sorted(
             f"{k}: {v.dtype}"
             for k, v in remapped.items()
-            if k.startswith(bank_prefix) and not v.dtype.is_floating_point
+            if model_state[k].dtype.is_floating_point and not v.dtype.is_floating_point
         )
         if not_float:
             raise AdapterLoadError(
-                f"The weights of adapter '{adapter_name}' have a non-floating-point dtype ({not_float}); prompts are "
-                "floating-point parameters. Nothing was loaded and the model is unchanged; the file is corrupted or "
+                f"The weights of adapter '{adapter_name}' have a non-floating-point dtype ({not_float}); prompts and "
+                "heads are floating-point parameters. Nothing was loaded and the model is unchanged; the file is corrupted or "
                 "was written by another tool, save the adapter again."
             )
+        # In the model's dtype, as they will be used: a float64 1e300 (or a float32 1e5 for a float16 bank) is
+        # finite in the file and infinite in the model. Also keeps the model's dtype under `low_cpu_mem_usage`,
+        # where the file's tensors are assigned, not copied.
+        remapped = {
+            k: v.to(model_state[k].dtype)
+            if v.dtype.is_floating_point and model_state[k].dtype.is_floating_point
+            else v
+            for k, v in remapped.items()
+        }
         not_finite = sorted(
             k for k, v in remapped.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())
         )
@@ -470,6 +518,25 @@ class PromptTunerModel(BaseTuner):
         return remapped
 
 
+# Prompts are a small fraction of the model they adapt; the floor leaves room on tiny test models.
+MIN_BANK_ELEMENT_LIMIT = 2**24
+
+
+def _check_bank_size(adapter_name: str, config, model: nn.Module) -> None:
+    """Refuse, before allocating it, a bank with more elements than the model it adapts (at least
+    `MIN_BANK_ELEMENT_LIMIT`): each config field has its own bound, but a stranger's adapter_config.json can combine
+    them (4096 prompt tokens projected from width 65536) into gigabytes."""
+    elements = sum(math.prod(shape) for shape in config.expected_bank_shapes().values())
+    limit = max(MIN_BANK_ELEMENT_LIMIT, sum(param.numel() for param in model.parameters()))
+    if elements > limit:
+        raise AdapterLoadError(
+            f"Adapter '{adapter_name}' would hold {elements:,} prompt parameters, more than the {limit:,} of the model "
+            "it adapts; its config combines sizes (num_prompt_tokens, projection or generator widths, num_classes) "
+            "no prompt adapter needs. Choose smaller values; an adapter_config.json with them was not written for "
+            "this model. Nothing was allocated or changed."
+        )
+
+
 def _pass_adapter_names(module, args, kwargs, adapter_names):
     return args, {**kwargs, "adapter_names": adapter_names}
 
@@ -480,7 +547,13 @@ def _roll_back_adapter(peft_model, adapter_name: str) -> None:
     if len(tuner.peft_config) > 1:
         peft_model.delete_adapter(adapter_name)
     else:
-        tuner.unload()
-        for name, param in tuner.model.named_parameters():
-            if name in tuner._base_requires_grad:
-                param.requires_grad_(tuner._base_requires_grad[name])
+        restore_bare_base(tuner)
+
+
+def restore_bare_base(tuner) -> None:
+    """Give the base model back as it was before `tuner` wrapped it: blocks unwrapped, hooks removed, trainability
+    flags restored (safe to call twice)."""
+    tuner.unload()
+    for name, param in tuner.model.named_parameters():
+        if name in tuner._base_requires_grad:
+            param.requires_grad_(tuner._base_requires_grad[name])

@@ -236,6 +236,131 @@ def test_non_finite_values_are_refused(method, value, tmp_path):
     )
 
 
+def _edit_config(folder: Path, **fields) -> Path:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return folder
+
+
+def test_a_load_that_fails_after_wrapping_leaves_the_base_bare(tmp_path):
+    """PEFT's task-specific PeftModel (here PeftModelForCausalLM, named by the file's `task_type`) fails on a ViT
+    only after the tuner has wrapped the blocks: the caller's model gets its blocks, hooks, flags and outputs
+    back, and no `peft_config` attribute."""
+    folder = _edit_config(_saved("vpt", tmp_path / "a"), task_type="CAUSAL_LM")
+    base = _vit()
+    snapshot = Snapshot(base, "vpt")
+
+    def hooks():
+        return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base.modules()]
+
+    hooks_before = hooks()
+    with pytest.raises(AttributeError, match="prepare_inputs_for_generation"):
+        PeftModel.from_pretrained(base, folder)
+    snapshot.assert_unchanged()
+    assert not hasattr(base, "peft_config") and hooks() == hooks_before
+
+
+@pytest.mark.parametrize(
+    ("method", "entry"), [("vpt", "vit"), ("gated", "layers"), ("apt", "q_proj"), ("generative", "wte")]
+)
+def test_modules_to_save_cannot_name_the_backbone(method, entry, tmp_path):
+    """A `modules_to_save` entry would let the file carry a trained copy of that module: backbone modules (the
+    tower, its blocks, its embeddings) are refused when the adapter is made and when a stranger's config names
+    them, so a file cannot swap the frozen weights."""
+    with pytest.raises(hf_vpt.AdapterLoadError, match=f"`modules_to_save` entries \\['{entry}'\\].*prompted tower"):
+        get_peft_model(_base(method), _config(method, modules_to_save=[entry]))
+    folder = _edit_config(_saved(method, tmp_path / "a"), modules_to_save=[entry])
+    base = _base(method)
+    assert_refused(
+        lambda: PeftModel.from_pretrained(base, folder), hf_vpt.AdapterLoadError, [entry, "frozen backbone"],
+        Snapshot(base, method),
+    )  # fmt: skip
+    assert not hasattr(base, "peft_config")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_values_that_overflow_in_the_models_dtype_are_refused(method, tmp_path):
+    """Finite in the file (float64 1e300), infinite once copied into the float32 prompts."""
+    folder = _saved(method, tmp_path / "a")
+
+    def widen(tensors):
+        key = sorted(k for k in tensors if "_bank." in k)[0]
+        tensors[key] = tensors[key].double().view(-1).index_fill(0, torch.tensor([0]), 1e300).view(tensors[key].shape)
+
+    _tamper(folder, widen)
+    base = _base(method)
+    assert_refused(
+        lambda: PeftModel.from_pretrained(base, folder), hf_vpt.AdapterLoadError, ["NaN or infinite"],
+        Snapshot(base, method),
+    )  # fmt: skip
+
+
+def test_a_float64_file_loads_into_float32_prompts_with_low_cpu_mem_usage(tmp_path):
+    model = _trained("vpt")
+    model.save_pretrained(tmp_path / "a")
+    _tamper(tmp_path / "a", lambda t: t.update({k: v.double() for k, v in t.items()}))
+    loaded = PeftModel.from_pretrained(_vit(), tmp_path / "a", low_cpu_mem_usage=True).eval()
+    assert {p.dtype for p in loaded.base_model.banks.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels(2)).logits, model(pixel_values=pixels(2)).logits)
+
+
+@pytest.mark.parametrize(
+    ("method", "fields"),
+    [("vpt", {"num_prompt_tokens": 4096, "prompt_projection_dim": 65536}),
+     ("generative", {"num_classes": 1_000_000, "generator_width": 65536})],
+)  # fmt: skip
+def test_config_sizes_that_combine_into_gigabytes_are_refused_before_allocation(method, fields, tmp_path):
+    """Each field is within its own bound; together, without `tower_shapes` (older configs), they would have made
+    the load allocate gigabytes before any tensor was checked."""
+    folder = _edit_config(_saved(method, tmp_path / "a"), tower_shapes=None, **fields)
+    base = _base(method)
+    assert_refused(
+        lambda: PeftModel.from_pretrained(base, folder), hf_vpt.AdapterLoadError,
+        ["prompt parameters, more than the", "Nothing was allocated"], Snapshot(base, method),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_refused_adapter_with_a_head_leaves_no_head_wrapper(method, tmp_path):
+    """The refused adapter's `modules_to_save` head had been wrapped by PEFT before the weights were checked."""
+    head = "lm_head" if method == "generative" else "classifier"
+    folder = _saved(method, tmp_path / "a", modules_to_save=[head])
+
+    def poison(tensors):
+        key = sorted(k for k in tensors if "_bank." in k)[0]
+        tensors[key] = (
+            tensors[key].clone().view(-1).index_fill(0, torch.tensor([0]), math.nan).view(tensors[key].shape)
+        )
+
+    _tamper(folder, poison)
+    model = _trained(method)
+    assert_refused(
+        lambda: model.load_adapter(folder, adapter_name="other"), hf_vpt.AdapterLoadError, ["NaN or infinite"],
+        Snapshot(model, method),
+    )  # fmt: skip
+
+
+def test_a_declared_head_missing_from_the_file_is_named(tmp_path):
+    folder = _saved("vpt", tmp_path / "a", modules_to_save=["classifier"])
+    _tamper(folder, lambda t: [t.pop(k) for k in [k for k in t if "classifier" in k]])
+    base = _vit()
+    assert_refused(
+        lambda: PeftModel.from_pretrained(base, folder), hf_vpt.AdapterLoadError,
+        ["lacks 'base_model.model.classifier.weight'", "modules_to_save"], Snapshot(base, "vpt"),
+    )  # fmt: skip
+
+
+def test_a_head_tensor_that_is_not_floating_point_is_refused(tmp_path):
+    folder = _saved("vpt", tmp_path / "a", modules_to_save=["classifier"])
+    _tamper(folder, lambda t: t.update({k: v.long() for k, v in t.items() if "classifier" in k}))
+    base = _vit()
+    assert_refused(
+        lambda: PeftModel.from_pretrained(base, folder), hf_vpt.AdapterLoadError,
+        ["non-floating-point dtype", "classifier"], Snapshot(base, "vpt"),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_loading_other_shapes_under_an_existing_name_keeps_that_adapter(method, tmp_path):
     other = _saved(method, tmp_path / "other", num_prompt_tokens=2)
@@ -378,6 +503,12 @@ CONFIG_CASES = [
     ("apt", "rank", True),
     ("apt", "rank", 2**40),
     ("apt", "towers", "audio"),
+    ("apt", "attentions", 5),
+    ("apt", "attentions", None),
+    ("apt", "layers", 2.0),
+    ("vpt", "target_parameters", ["vit.layers.0.attention.q_proj.weight"]),
+    ("gated", "exclude_modules", ["layers.1"]),
+    ("generative", "target_parameters", ["transformer.wte.weight"]),
 ]
 
 

@@ -76,6 +76,10 @@ class ApproxPromptConfig(PromptConfigBase):
         if self.layers is not None:
             if isinstance(self.layers, int):
                 self.layers = [self.layers]
+            if not isinstance(self.layers, (list, tuple)):
+                raise ValueError(
+                    f"`layers` must be None (all blocks) or a non-empty list of block indices >= 0; got {self.layers!r}."
+                )
             self.layers = list(self.layers)
             bad = [i for i in self.layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
             if bad or not self.layers:
@@ -87,6 +91,10 @@ class ApproxPromptConfig(PromptConfigBase):
             self.layers = sorted(self.layers)
         if isinstance(self.attentions, str):
             self.attentions = [self.attentions]
+        if not isinstance(self.attentions, (list, tuple)):
+            raise ValueError(
+                f"`attentions` must be a non-empty list of distinct values from {ATTENTION_KINDS}; got {self.attentions!r}."
+            )
         self.attentions = list(self.attentions)
         bad = [a for a in self.attentions if a not in ATTENTION_KINDS]
         if bad or not self.attentions or len(set(self.attentions)) != len(self.attentions):
