@@ -64,9 +64,8 @@ class TextToImageArguments:
 
 @dataclass
 class TextToImageTrainingArguments(training.TrainingArguments):
-    output_dir: str = "outputs/text_to_image"
-    per_device_train_batch_size: int = 4
-    max_train_steps: int | None = 20
+    output_dir: str = training.recipe_default("output_dir", "outputs/text_to_image")
+    per_device_train_batch_size: int = training.recipe_default("per_device_train_batch_size", 4)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

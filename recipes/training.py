@@ -107,6 +107,12 @@ class TrainingArguments:
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the repo as private."})
 
 
+def recipe_default(name: str, default):
+    """A `TrainingArguments` field with a recipe's own default and the shared help text (so `--help` still says
+    what the option does, and shows the recipe's default)."""
+    return field(default=default, metadata=dict(TrainingArguments.__dataclass_fields__[name].metadata))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # command line and startup checks
 # ---------------------------------------------------------------------------------------------------------------

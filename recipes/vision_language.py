@@ -90,10 +90,9 @@ class VisionLanguageArguments:
 
 @dataclass
 class VisionLanguageTrainingArguments(training.TrainingArguments):
-    output_dir: str = "outputs/vision_language"
-    per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 8
-    max_train_steps: int | None = 20
+    output_dir: str = training.recipe_default("output_dir", "outputs/vision_language")
+    per_device_train_batch_size: int = training.recipe_default("per_device_train_batch_size", 4)
+    per_device_eval_batch_size: int = training.recipe_default("per_device_eval_batch_size", 8)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -165,10 +165,11 @@ def _refuse_transformers_loading(model, peft_model_id, peft_type) -> None:
         "LoRA; load this one with PEFT on its base model:\n\n"
         "    import hf_vpt\n"
         "    from peft import PeftModel\n"
-        f"    base = {base_class}.from_pretrained({str(base)!r})\n"
+        f"    base = {base_class}.from_pretrained({str(base)!r})  # an adapter with a trained head also needs "
+        "its labels: id2label=..., ignore_mismatched_sizes=True\n"
         f"    model = PeftModel.from_pretrained(base, {str(peft_model_id)!r})\n\n"
         "and give a pipeline the loaded model: `pipeline(task, model=model, image_processor=...)`. The adapter's "
-        "README.md has the complete snippet for its task."
+        "README.md has the complete snippet for its task, labels included."
     )
 
 

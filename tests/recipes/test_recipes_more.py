@@ -145,6 +145,21 @@ def test_options_from_a_yaml_file_and_shared_flag_names(tmp_path):
         _recipe("text_to_image").parse_args(["--pretrained_model_name_or_path", "m"])
 
 
+def test_num_train_epochs_sets_the_length_unless_max_train_steps_is_given(tmp_path, capsys):
+    """Every recipe trains `--num_train_epochs` epochs of its loader when `--max_train_steps` is not given (the
+    tiny VQA data: 32 examples, batch 4, so 8 steps an epoch), and `--help` shows each option's help and default."""
+    out = tmp_path / "out"
+    results = _run("vision_language", ["--num_train_epochs", "1", "--output_dir", str(out), *FAST])
+    assert results["steps"] == 8
+    for name in ("vision_language", "generative_transfer", "text_to_image"):
+        assert _recipe(name).parse_args(["--tiny"]).max_train_steps is None, name
+        with pytest.raises(SystemExit):
+            _recipe(name).parse_args(["--help"])
+        usage = " ".join(capsys.readouterr().out.split())
+        assert "Training batch size per device. (default: 4)" in usage, name
+        assert "Where the adapter, checkpoints and logs go." in usage, name
+
+
 def test_scheduler_is_transformers_get_scheduler_and_optimizer_defaults_come_from_the_registry():
     """`make_scheduler` gives exactly transformers' schedule (warm-up from --num_warmup_steps or --warmup_ratio);
     `make_optimizer` takes the variant's registry defaults unless the options say otherwise."""
