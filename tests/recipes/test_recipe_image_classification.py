@@ -15,6 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -88,7 +89,14 @@ def test_every_method_trains_saves_and_reloads(tiny, tmp_path, method):
     assert (results["optimizer"], results["learning_rate"]) == (variant.optimizer, variant.learning_rate)
     trained = done["model"]
     if variant.trains == "adapter":
-        assert (out / "adapter_model.safetensors").is_file() and "import hf_vpt" in (out / "README.md").read_text()
+        card = (out / "README.md").read_text()
+        assert (out / "adapter_model.safetensors").is_file() and "import hf_vpt" in card
+        # the accuracy goes to the card as a number, so the Hub reads it from the YAML model-index too
+        metadata = yaml.safe_load(card.split("---\n")[1])
+        (result,) = metadata["model-index"][0]["results"]
+        accuracy = round(results["eval_accuracy"], 6)  # recipes/_common.save_adapter rounds the card's metrics
+        assert result["metrics"] == [{"type": "accuracy", "name": "accuracy", "value": accuracy}]
+        assert f"| accuracy | {accuracy} |" in card and "| trained head | `classifier` (2 labels) |" in card
         assert not (out / "model.safetensors").exists()  # the frozen backbone is not copied
         reloaded = PeftModel.from_pretrained(fresh_base(tiny), out)
     else:
