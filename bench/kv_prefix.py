@@ -1,11 +1,14 @@
 """Deep prompts by concatenation vs as a key/value prefix (and APT): extra FLOPs, inference overhead, train step.
 
-ViT-B/16 geometry at 224x224 with random weights (timing does not depend on the values), batch 8, float32, the
-model's default attention (SDPA). For each prompt length p the script measures, side by side in one process:
+ViT-B/16 geometry at 224x224 with random weights (timing does not depend on the values), batch 8, float32. For each
+prompt length p the script measures, side by side in one process:
 
-- extra forward FLOPs over the base model, counted by `torch.utils.flop_counter.FlopCounterMode`;
-- inference time (median over `--repeats` runs) and its overhead over the base model;
-- the time of one training step (forward, backward, SGD step on the trainable parameters).
+- extra forward FLOPs over the base model, counted by `torch.utils.flop_counter.FlopCounterMode` on a copy of the
+  model with eager attention (the counter misses the fused CPU SDPA kernel, and with it the prompts' attention
+  terms), and checked to equal `hf_vpt.flops.extra_forward_flops` (the script stops if they differ);
+- inference time (median over `--repeats` runs) and its overhead over the base model, with SDPA attention
+  (transformers' default for ViT, what users run);
+- the time of one training step (forward, backward, SGD step on the trainable parameters), with SDPA attention.
 
     python bench/kv_prefix.py                      # full table (about 15 minutes on 2 CPU cores)
     python bench/kv_prefix.py --prompts 10 50 --repeats 2 --batch 2 --layers 4   # a quick look
@@ -16,6 +19,7 @@ Prints a table and writes bench/results/kv_prefix.json and bench/results/kv_pref
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -23,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _vit import build_vit_b16
+from _vit import build_vit_b16, num_tokens
 from peft import get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -31,19 +35,28 @@ import hf_vpt
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TIMED_ATTENTION = "sdpa"  # transformers' default for ViT: the speed users get
+COUNTED_ATTENTION = "eager"  # FlopCounterMode sees eager attention's matmuls but not the fused CPU SDPA kernel
 
 
-def build_base(args):
-    return build_vit_b16(args.layers).eval()
+def build_base(layers: int, attn_implementation: str):
+    return build_vit_b16(layers, attn_implementation=attn_implementation).eval()
 
 
 def methods(p: int) -> dict:
+    """Each method's config and the `hf_vpt.flops` mode that describes how it runs (APT's formula ignores the mode)."""
     found = {
-        "deep, concatenation": hf_vpt.VisualPromptConfig(num_prompt_tokens=p, depth="deep", kv_prefix=False),
-        "deep, key/value prefix": hf_vpt.VisualPromptConfig(num_prompt_tokens=p, depth="deep", kv_prefix=True),
+        "deep, concatenation": (
+            hf_vpt.VisualPromptConfig(num_prompt_tokens=p, depth="deep", kv_prefix=False),
+            "concat",
+        ),
+        "deep, key/value prefix": (
+            hf_vpt.VisualPromptConfig(num_prompt_tokens=p, depth="deep", kv_prefix=True),
+            "shared_kv_prefix",
+        ),
     }
     if hasattr(hf_vpt, "ApproxPromptConfig"):
-        found["APT"] = hf_vpt.ApproxPromptConfig(num_prompt_tokens=p)
+        found["APT"] = (hf_vpt.ApproxPromptConfig(num_prompt_tokens=p), "concat")
     return found
 
 
@@ -52,6 +65,23 @@ def forward_flops(model, pixels) -> int:
     with counter:  # (FlopCounterMode's module tracker trips over no_grad with trainable inputs)
         model(pixel_values=pixels)
     return counter.get_total_flops()
+
+
+def counted_extra_flops(layers: int, config, pixels, base_flops: int) -> int:
+    """Extra forward FLOPs of `config`, counted on its own eager-attention model (PEFT may edit the config it gets)."""
+    model = get_peft_model(build_base(layers, COUNTED_ATTENTION), copy.deepcopy(config)).eval()
+    return forward_flops(model, pixels) - base_flops
+
+
+def check_against_formula(name: str, counted: int, base, config, mode: str, batch: int) -> None:
+    """Stop before anything is timed or written when the counter and `hf_vpt.flops` disagree."""
+    expected = hf_vpt.flops.extra_forward_flops(base, config, seq_len=num_tokens(base), batch_size=batch, mode=mode)
+    if counted != expected:
+        raise RuntimeError(
+            f"{name}: FlopCounterMode counted {counted:,} extra forward FLOPs with {COUNTED_ATTENTION} attention but "
+            f"hf_vpt.flops.extra_forward_flops(mode={mode!r}) gives {expected:,}. The method's forward or its formula "
+            "in hf_vpt.flops is wrong: find which and fix it before quoting this table."
+        )
 
 
 def median_time(fn, repeats: int) -> float:
@@ -97,14 +127,16 @@ def main():
 
     pixels = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(args.batch) % 100
-    base = build_base(args)
-    base_flops = forward_flops(base, pixels)
+    counted_base = build_base(args.layers, COUNTED_ATTENTION)
+    base_flops = forward_flops(counted_base, pixels)
+    base = build_base(args.layers, TIMED_ATTENTION)
     base_time = median_time(inference(base, pixels), args.repeats)
     rows = []
     for p in args.prompts:
-        for name, config in methods(p).items():
-            model = get_peft_model(build_base(args), config).eval()
-            extra_flops = forward_flops(model, pixels) - base_flops
+        for name, (config, mode) in methods(p).items():
+            extra_flops = counted_extra_flops(args.layers, config, pixels, base_flops)
+            check_against_formula(name, extra_flops, counted_base, config, mode, args.batch)
+            model = get_peft_model(build_base(args.layers, TIMED_ATTENTION), config).eval()
             infer = median_time(inference(model, pixels), args.repeats)
             model.train()
             step = median_time(train_step(model, pixels, labels), args.repeats)
@@ -133,7 +165,9 @@ def main():
 
     header = (
         f"ViT-B/16 geometry, 224x224, batch {args.batch}, {args.layers} blocks, float32, "
-        f"{args.threads} CPU threads; base inference {base_time:.3f}s, base forward {base_flops / 1e9:.1f} GFLOPs"
+        f"{args.threads} CPU threads; FLOPs counted with {COUNTED_ATTENTION} attention (each equal to "
+        f"hf_vpt.flops.extra_forward_flops), times with {TIMED_ATTENTION} attention; "
+        f"base inference {base_time:.3f}s, base forward {base_flops / 1e9:.1f} GFLOPs"
     )
     print("\n" + header)
     print(

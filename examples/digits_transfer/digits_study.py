@@ -84,7 +84,7 @@ def save_adapter(args, accelerator, model, folder: str, *, seed: int, accuracy: 
             folder,
             unwrapped.peft_config["default"],
             dataset=f"scikit-learn digits 5-9, {args.shots} shots per class, seed {seed}",
-            metrics={"test accuracy": f"{100 * accuracy:.2f} %"},
+            metrics={"test accuracy": round(float(accuracy), 6)},  # a number: the Hub reads it from model-index
             command=args.command,
             trainable_parameters=f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
             task="image-classification",

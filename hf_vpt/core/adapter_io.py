@@ -118,7 +118,7 @@ def _guarded_save_pretrained(original, peft_model, save_directory, *args, **kwar
             "`save_pretrained` without `safe_serialization=False`; nothing was written."
         )
     save_directory = str(save_directory)
-    read_card_data(save_directory)  # a corrupt card-data file is named before anything is written
+    read_card_data(save_directory)  # corrupt card data, symlinked card files, unreadable metadata: named first
     readme = os.path.join(save_directory, "README.md")
     users_card = os.path.isfile(readme) and not written_by_hf_vpt(readme)
     token = KEEP_USER_MODEL_CARD.set(users_card)
