@@ -53,6 +53,8 @@ def main():
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.batch < 4:  # the mixed batch gives each of the 4 adapters at least one image
+        parser.error(f"--batch must be at least 4 (one image per adapter in the mixed batch); got {args.batch}.")
     pixels = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
     throughput = []
@@ -114,7 +116,7 @@ def main():
     print("| p | method | images/s | vs base |\n| --- | --- | --- | --- |")
     for r in throughput:
         print(f"| {r['p']} | {r['method']} | {r['images_per_s']:.2f} | {r['vs_base']:.2f}x |")
-    print("\n| batch of 8, deep p=10 | seconds | throughput vs mixed |\n| --- | --- | --- |")
+    print(f"\n| batch of {args.batch}, deep p=10 | seconds | throughput vs mixed |\n| --- | --- | --- |")
     print(f"| one adapter | {single:.3f} | {mixed / single:.2f}x |")
     print(f"| 4 adapters mixed, one forward | {mixed:.3f} | 1.00x |")
     print(f"| loop over 4 adapters | {looped:.3f} | {mixed / looped:.2f}x |")
