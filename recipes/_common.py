@@ -103,7 +103,13 @@ def save_adapter(
     in from the model. A model without a PEFT adapter (full fine-tuning, linear probing) is saved whole, without
     an hf_vpt card.
     """
-    from hf_vpt.hub import KEEP_USER_MODEL_CARD, write_model_card, written_by_hf_vpt
+    from hf_vpt.hub import (
+        KEEP_USER_MODEL_CARD,
+        MODEL_CARD_FACTS,
+        model_card_facts,
+        write_model_card,
+        written_by_hf_vpt,
+    )
 
     accelerator.wait_for_everyone()
     # Under FSDP or ZeRO-3 each process holds shards: gather the full state dict (a collective, every process takes
@@ -124,8 +130,10 @@ def save_adapter(
                 base_class = type(unwrapped.get_base_model())
                 card.setdefault("base_model_class", base_class.__name__)
                 card.setdefault("base_model_library", base_class.__module__)
-            # A README.md the user had in the folder before the save is theirs: keep it.
+            # A README.md the user had in the folder before the save is theirs: keep it. The card's model facts
+            # (trained heads, label names) come from the model, as in `save_pretrained`.
             keep = KEEP_USER_MODEL_CARD.set(users_card)
+            facts = MODEL_CARD_FACTS.set(model_card_facts(unwrapped) if hasattr(unwrapped, "get_base_model") else None)
             try:
                 write_model_card(
                     folder,
@@ -138,6 +146,7 @@ def save_adapter(
                 )
             finally:
                 KEEP_USER_MODEL_CARD.reset(keep)
+                MODEL_CARD_FACTS.reset(facts)
     accelerator.wait_for_everyone()
     return folder
 

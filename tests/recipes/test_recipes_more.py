@@ -61,6 +61,10 @@ def test_vision_language_tiny(tmp_path, task, method):
         out / "adapter", title, f"tiny-random-{head}", "synthetic coloured squares", "recipes/vision_language.py"
     )
     assert (out / "results.json").is_file() and (out / "processor" / "tokenizer_config.json").is_file()
+    # the snippet rebuilds the trained head's labels (the answers; NLVR2's False/True)
+    expected = "1: 'True'" if task == "nlvr2" else "'red'"
+    card = (out / "adapter" / "README.md").read_text().replace('"', "'")
+    assert "id2label={0: " in card and expected in card and "ignore_mismatched_sizes=True" in card
 
 
 def test_vision_language_resume_is_bit_exact(tmp_path):
