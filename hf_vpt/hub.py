@@ -423,6 +423,18 @@ def _is_text(value) -> bool:
     return isinstance(value, str)
 
 
+def _plain_caller_values(card_data: dict) -> dict:
+    """A caller's (trusted) card data in the stored types: label names as strings (`labels=[0, 1, 2]`) and
+    numpy integers as ints (`num_labels=np.int64(3)`). The stored file gets no such leniency."""
+    data = dict(card_data)
+    if isinstance(data.get("labels"), (list, tuple)):
+        data["labels"] = [str(label) for label in data["labels"]]
+    number = data.get("num_labels")
+    if number is not None and not isinstance(number, (bool, int)) and hasattr(number, "__index__"):
+        data["num_labels"] = int(number.__index__())
+    return data
+
+
 def _is_text_list(value) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
 
@@ -694,6 +706,7 @@ def write_model_card(save_directory: str, config, *, model=None, **card_data) ->
     stored = read_card_data(save_directory)
     if KEEP_USER_MODEL_CARD.get() and _users_readme(path):
         return path
+    card_data = _plain_caller_values(card_data)
     _check_card_data(
         card_data, "write_model_card()", "Pass each detail as `render_model_card` documents it. Nothing was written."
     )

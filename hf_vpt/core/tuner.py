@@ -183,7 +183,13 @@ class PromptTunerModel(BaseTuner):
         entries = [entry for entry in (getattr(config, "modules_to_save", None) or []) if entry]
         if not entries:
             return
-        tower_params = {id(param) for tower in towers for param in tower.root.parameters()}
+        # The blocks always; the rest of a tower root too, unless the root is the whole model (UVit2D), whose
+        # output and conditioning layers outside the blocks are what such a model trains as heads.
+        tower_params = {
+            id(param)
+            for tower in towers
+            for param in (tower.blocks if tower.root is model else tower.root).parameters()
+        }
         reaching = sorted(
             {
                 entry
@@ -195,7 +201,7 @@ class PromptTunerModel(BaseTuner):
         if reaching:
             raise AdapterLoadError(
                 f"Adapter '{adapter_name}': `modules_to_save` entries {reaching} name modules that hold weights of the "
-                f"prompted tower(s) {[tower.name for tower in towers]}; an adapter may save only heads outside the "
+                f"prompted tower(s) {[tower.name or tower.kind for tower in towers]}; an adapter may save only heads outside the "
                 "frozen backbone (e.g. 'classifier'), never the backbone itself. Name the head module only (train the "
                 "whole backbone with full fine-tuning instead). Nothing was changed."
             )
@@ -530,8 +536,8 @@ def _check_bank_size(adapter_name: str, config, model: nn.Module) -> None:
     limit = max(MIN_BANK_ELEMENT_LIMIT, sum(param.numel() for param in model.parameters()))
     if elements > limit:
         raise AdapterLoadError(
-            f"Adapter '{adapter_name}' would hold {elements:,} prompt parameters, more than the {limit:,} of the model "
-            "it adapts; its config combines sizes (num_prompt_tokens, projection or generator widths, num_classes) "
+            f"Adapter '{adapter_name}' would hold {elements:,} prompt parameters, more than the limit of {limit:,} "
+            f"(the parameters of the model it adapts, at least {MIN_BANK_ELEMENT_LIMIT:,}); its config combines sizes (num_prompt_tokens, projection or generator widths, num_classes) "
             "no prompt adapter needs. Choose smaller values; an adapter_config.json with them was not written for "
             "this model. Nothing was allocated or changed."
         )
@@ -551,8 +557,13 @@ def _roll_back_adapter(peft_model, adapter_name: str) -> None:
 
 
 def restore_bare_base(tuner) -> None:
-    """Give the base model back as it was before `tuner` wrapped it: blocks unwrapped, hooks removed, trainability
-    flags restored (safe to call twice)."""
+    """Give the base model back as it was before `tuner` wrapped it: blocks unwrapped, heads put back as the very
+    modules they were (PEFT's `unload` would put in the adapter's trained copy), hooks removed, trainability flags
+    restored (safe to call twice)."""
+    for name, module in list(tuner.model.named_modules()):
+        if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "original_module"):
+            parent_name, _, child = name.rpartition(".")
+            setattr(tuner.model.get_submodule(parent_name), child, module.original_module)
     tuner.unload()
     for name, param in tuner.model.named_parameters():
         if name in tuner._base_requires_grad:

@@ -610,3 +610,11 @@ def test_a_head_with_many_labels_gets_them_back_from_the_snippet(tmp_path, monke
         exec(compile(_snippet(card), "<model card>", "exec"), namespace)
     assert namespace["model"].config.id2label == model.config.id2label == dict(enumerate(names))
     assert hf_vpt.hub.adapter_labels(tmp_path / "adapter") == names
+
+
+def test_write_model_card_takes_numbers_as_label_names_and_numpy_counts(tmp_path):
+    """A caller's own values in the everyday types: labels given as class indices, a numpy label count."""
+    write_model_card(tmp_path, hf_vpt.VisualPromptConfig(), task="image-classification", labels=[0, 1, 2],
+                     num_labels=np.int64(3))  # fmt: skip
+    card = (tmp_path / "README.md").read_text()
+    assert 'id2label={0: "0", 1: "1", 2: "2"},  # 3 labels' in card

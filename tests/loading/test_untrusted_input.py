@@ -278,6 +278,20 @@ def test_modules_to_save_cannot_name_the_backbone(method, entry, tmp_path):
     assert not hasattr(base, "peft_config")
 
 
+def test_a_uvit2d_keeps_its_output_and_conditioning_layers_as_heads():
+    """UVit2D's tower root is the whole model: only its transformer blocks count as backbone there, so its output
+    layer (`mlm_layer`) and conditioning layers stay trainable heads."""
+    for head in (["mlm_layer"], ["cond_embed", "encoder_proj"]):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_uvit2d(), _config("generative", modules_to_save=head))
+        trainable = {
+            name.split(".")[2]
+            for name, p in model.named_parameters()
+            if p.requires_grad and ".modules_to_save." in name
+        }
+        assert trainable == set(head)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_values_that_overflow_in_the_models_dtype_are_refused(method, tmp_path):
     """Finite in the file (float64 1e300), infinite once copied into the float32 prompts."""
@@ -317,7 +331,7 @@ def test_config_sizes_that_combine_into_gigabytes_are_refused_before_allocation(
     base = _base(method)
     assert_refused(
         lambda: PeftModel.from_pretrained(base, folder), hf_vpt.AdapterLoadError,
-        ["prompt parameters, more than the", "Nothing was allocated"], Snapshot(base, method),
+        ["prompt parameters, more than the limit", "Nothing was allocated"], Snapshot(base, method),
     )  # fmt: skip
 
 
@@ -345,10 +359,12 @@ def test_a_declared_head_missing_from_the_file_is_named(tmp_path):
     folder = _saved("vpt", tmp_path / "a", modules_to_save=["classifier"])
     _tamper(folder, lambda t: [t.pop(k) for k in [k for k in t if "classifier" in k]])
     base = _vit()
+    head = base.classifier
     assert_refused(
         lambda: PeftModel.from_pretrained(base, folder), hf_vpt.AdapterLoadError,
         ["lacks 'base_model.model.classifier.weight'", "modules_to_save"], Snapshot(base, "vpt"),
     )  # fmt: skip
+    assert base.classifier is head  # the caller's own head object, not the refused adapter's copy of it
 
 
 def test_a_head_tensor_that_is_not_floating_point_is_refused(tmp_path):
