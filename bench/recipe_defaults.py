@@ -166,7 +166,9 @@ def config_fields(model: torch.nn.Module) -> dict:
     return {
         name: value
         for name, value in vars(config).items()
-        if isinstance(value, (bool, int, float, str)) and value != getattr(default, name, None)
+        if isinstance(value, (bool, int, float, str))
+        and value != getattr(default, name, None)
+        and name != "base_model_name_or_path"  # a path on the measuring machine; each row names its `backbone`
     }
 
 
