@@ -30,7 +30,7 @@ import torch
 from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_tuner_state_dict_key_prefixes
-from peft.utils import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, PeftType, register_peft_method
+from peft.utils import AuxiliaryTrainingWrapper, PeftType, register_peft_method
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from torch import nn
 from transformers import Cache, DynamicCache
@@ -50,7 +50,6 @@ __all__ = [
     "BaseTunerLayer",
     "ImageGPTCall",
     "ModelOutput",
-    "ModulesToSaveWrapper",
     "PeftType",
     "SwinLayerCall",
     "TouchPoint",
@@ -213,9 +212,8 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint(
         "PEFT tuner internals",
         "peft",
-        "`BaseTuner` hooks, the state-dict key prefixes of a tuner, `AuxiliaryTrainingWrapper`, "
-        "`ModulesToSaveWrapper` (its `modules_to_save` and `original_module`, to unwrap a refused adapter's head), "
-        "and the closed "
+        "`BaseTuner` hooks, the state-dict key prefixes of a tuner, `AuxiliaryTrainingWrapper` "
+        "(its `original_module`, to put back the head of a refused adapter), and the closed "
         "`PeftType` enum that outside methods must extend",
         ("_get_tuner_state_dict_key_prefixes", "_member_map_", "_value2member_map_", "_member_names_"),
     ),

@@ -394,7 +394,7 @@ class StepSeededGenerator:
         self.start_step(0)
 
     def start_step(self, step: int) -> None:
-        """Re-seed for optimiser step `step` (0 for the first): distinct, reproducible seeds per (seed, process, step)."""
+        """Re-seed for optimiser step `step` (0 for the first): one reproducible seed per (seed, process, step)."""
         mixed = ((self.seed * 1_000_003 + self.process_index) * 1_000_003 + int(step)) % (2**63 - 1)
         self.generator.manual_seed(mixed)
 
@@ -505,9 +505,10 @@ def save_checkpoint(accelerator, output_dir, step, batches_per_epoch, extra=None
             json.dump({"step": step, "batches_per_epoch": batches_per_epoch, **(extra or {})}, handle)
         later = [path for path in list_checkpoints(output_dir) if resume_step(path) > step]
         if later:  # left by another run in this folder: `--resume_from_checkpoint latest` would pick them, not ours
+            stale = os.path.basename(later[-1])
             accelerator.print(
-                f"Warning: {output_dir} holds checkpoints of a later step from another run ({os.path.basename(later[-1])}"
-                f"); `--resume_from_checkpoint latest` would resume from it. Pass {folder} explicitly, or use a fresh "
+                f"Warning: {output_dir} holds checkpoints of a later step from another run ({stale}); "
+                f"`--resume_from_checkpoint latest` would resume from it. Pass {folder} explicitly, or use a fresh "
                 "--output_dir."
             )
         if total_limit:

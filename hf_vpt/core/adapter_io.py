@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 
 from .._compat import (
-    ModulesToSaveWrapper,
+    AuxiliaryTrainingWrapper,
     wrap_peft_model_card_update,
     wrap_peft_model_loading,
     wrap_transformers_adapter_loading,
@@ -44,6 +44,7 @@ from .tuner import (
     TUNERS_CREATED_BY_LOAD,
     PromptTunerModel,
     _roll_back_adapter,
+    put_back_original_heads,
     restore_bare_base,
 )
 
@@ -80,7 +81,7 @@ def _guarded_load_adapter(original, peft_model, model_id, adapter_name, *args, *
     except Exception as error:
         if created_here and adapter_name in peft_model.peft_config:
             _roll_back_adapter(peft_model, adapter_name)
-            _unwrap_new_heads(peft_model, heads_before)
+            put_back_original_heads(peft_model, keep=heads_before)  # the refused adapter's own head wrappers
         missing = error.args[0] if isinstance(error, KeyError) and error.args else None
         if isinstance(missing, str) and missing.startswith("base_model.model."):  # PEFT's lookup of a head's tensor
             raise AdapterLoadError(
@@ -94,18 +95,8 @@ def _guarded_load_adapter(original, peft_model, model_id, adapter_name, *args, *
 
 
 def _wrapped_heads(peft_model) -> set:
-    """Names of the modules PEFT has wrapped to keep a trained copy per adapter (`modules_to_save`)."""
-    return {name for name, module in peft_model.named_modules() if isinstance(module, ModulesToSaveWrapper)}
-
-
-def _unwrap_new_heads(peft_model, heads_before: set) -> None:
-    """Put back the original module of every head a refused adapter wrapped (its copy is gone with the adapter), so
-    that the module tree and state-dict keys are those from before the load."""
-    for name in sorted(_wrapped_heads(peft_model) - heads_before, key=len, reverse=True):
-        wrapper = peft_model.get_submodule(name)
-        if isinstance(wrapper, ModulesToSaveWrapper) and not len(wrapper.modules_to_save):
-            parent_name, _, child = name.rpartition(".")
-            setattr(peft_model.get_submodule(parent_name), child, wrapper.original_module)
+    """Paths of the heads PEFT has wrapped to keep a trained copy per adapter (`modules_to_save`)."""
+    return {name for name, module in peft_model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)}
 
 
 def _guarded_save_pretrained(original, peft_model, save_directory, *args, **kwargs):

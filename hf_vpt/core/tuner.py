@@ -201,9 +201,9 @@ class PromptTunerModel(BaseTuner):
         if reaching:
             raise AdapterLoadError(
                 f"Adapter '{adapter_name}': `modules_to_save` entries {reaching} name modules that hold weights of the "
-                f"prompted tower(s) {[tower.name or tower.kind for tower in towers]}; an adapter may save only heads outside the "
-                "frozen backbone (e.g. 'classifier'), never the backbone itself. Name the head module only (train the "
-                "whole backbone with full fine-tuning instead). Nothing was changed."
+                f"prompted tower(s) {[tower.name or tower.kind for tower in towers]}; an adapter may save only heads "
+                "outside the frozen backbone (e.g. 'classifier'), never the backbone itself. Name the head module "
+                "only (train the whole backbone with full fine-tuning instead). Nothing was changed."
             )
 
     def _check_fits(self, adapter_name: str, config, towers: list[Tower]) -> None:
@@ -500,8 +500,8 @@ class PromptTunerModel(BaseTuner):
         if not_float:
             raise AdapterLoadError(
                 f"The weights of adapter '{adapter_name}' have a non-floating-point dtype ({not_float}); prompts and "
-                "heads are floating-point parameters. Nothing was loaded and the model is unchanged; the file is corrupted or "
-                "was written by another tool, save the adapter again."
+                "heads are floating-point parameters. Nothing was loaded and the model is unchanged; the file is "
+                "corrupted or was written by another tool, save the adapter again."
             )
         # In the model's dtype, as they will be used: a float64 1e300 (or a float32 1e5 for a float16 bank) is
         # finite in the file and infinite in the model. Also keeps the model's dtype under `low_cpu_mem_usage`,
@@ -537,9 +537,10 @@ def _check_bank_size(adapter_name: str, config, model: nn.Module) -> None:
     if elements > limit:
         raise AdapterLoadError(
             f"Adapter '{adapter_name}' would hold {elements:,} prompt parameters, more than the limit of {limit:,} "
-            f"(the parameters of the model it adapts, at least {MIN_BANK_ELEMENT_LIMIT:,}); its config combines sizes (num_prompt_tokens, projection or generator widths, num_classes) "
-            "no prompt adapter needs. Choose smaller values; an adapter_config.json with them was not written for "
-            "this model. Nothing was allocated or changed."
+            f"(the parameters of the model it adapts, at least {MIN_BANK_ELEMENT_LIMIT:,}); its config combines "
+            "sizes (num_prompt_tokens, projection or generator widths, num_classes) no prompt adapter needs. Choose "
+            "smaller values; an adapter_config.json with them was not written for this model. Nothing was allocated "
+            "or changed."
         )
 
 
@@ -556,14 +557,20 @@ def _roll_back_adapter(peft_model, adapter_name: str) -> None:
         restore_bare_base(tuner)
 
 
+def put_back_original_heads(model: nn.Module, keep: frozenset | set = frozenset()) -> None:
+    """Replace each head PEFT wrapped for `modules_to_save` (`ModulesToSaveWrapper`) by the very module it wrapped,
+    except the wrappers named in `keep` (module paths in `model`)."""
+    for name, module in list(model.named_modules()):
+        if name not in keep and isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "original_module"):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.original_module)
+
+
 def restore_bare_base(tuner) -> None:
     """Give the base model back as it was before `tuner` wrapped it: blocks unwrapped, heads put back as the very
     modules they were (PEFT's `unload` would put in the adapter's trained copy), hooks removed, trainability flags
     restored (safe to call twice)."""
-    for name, module in list(tuner.model.named_modules()):
-        if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "original_module"):
-            parent_name, _, child = name.rpartition(".")
-            setattr(tuner.model.get_submodule(parent_name), child, module.original_module)
+    put_back_original_heads(tuner.model)
     tuner.unload()
     for name, param in tuner.model.named_parameters():
         if name in tuner._base_requires_grad:

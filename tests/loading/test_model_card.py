@@ -190,14 +190,14 @@ def test_only_hub_ids_get_a_hub_link_and_base_model_metadata(base, on_hub):
 LABELS = [f"kind{i}" for i in range(10)]
 
 
-def _new_head_model(tmp_path):
-    """What a new user does: a local 3-class checkpoint, loaded with a new 10-class head that the adapter trains."""
+def _new_head_model(tmp_path, labels=LABELS):
+    """What a new user does: a local 3-class checkpoint, loaded with a new head (`labels`) that the adapter trains."""
     checkpoint = tmp_path / "tiny-vit"
     torch.manual_seed(0)
     tiny_vit(num_labels=3, num_hidden_layers=2).save_pretrained(checkpoint)
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
     base = transformers.AutoModelForImageClassification.from_pretrained(
-        checkpoint, id2label=dict(enumerate(LABELS)), ignore_mismatched_sizes=True
+        checkpoint, id2label=dict(enumerate(labels)), ignore_mismatched_sizes=True
     )
     model = get_peft_model(base, hf_vpt.VisualPromptConfig(num_prompt_tokens=2, modules_to_save=["classifier"]))
     with torch.no_grad():  # "training": the saved prompts and head differ from any fresh initialisation
@@ -590,14 +590,7 @@ def test_readable_values_are_shown_as_before():
 # ---------------------------------------------------------------------------------------------------------------
 def test_a_head_with_many_labels_gets_them_back_from_the_snippet(tmp_path, monkeypatch):
     names = [f"kind {i}" for i in range(60)]
-    checkpoint = tmp_path / "tiny-vit"
-    torch.manual_seed(0)
-    tiny_vit(num_labels=3, num_hidden_layers=2).save_pretrained(checkpoint)
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
-    base = transformers.AutoModelForImageClassification.from_pretrained(
-        checkpoint, id2label=dict(enumerate(names)), ignore_mismatched_sizes=True
-    )
-    model = get_peft_model(base, hf_vpt.VisualPromptConfig(num_prompt_tokens=2, modules_to_save=["classifier"]))
+    model = _new_head_model(tmp_path, names)
     monkeypatch.chdir(tmp_path)
     model.save_pretrained("adapter")
     card = (tmp_path / "adapter" / "README.md").read_text()
