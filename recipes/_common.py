@@ -96,7 +96,8 @@ def save_adapter(
     save_fn=None,
     **card,
 ) -> str:
-    """Save the adapter (`model.save_pretrained` or `save_fn(folder)`) and write its complete model card.
+    """Save the adapter (`model.save_pretrained` or `save_fn(folder, state_dict)`, from the gathered state dict) and
+    write its complete model card.
 
     Every process must call it (it waits for the others); the main process writes. `card` holds more model-card
     data for `hf_vpt.hub.write_model_card` (`task`, `num_labels`, `labels`, ...); the base model's class is filled
@@ -114,14 +115,14 @@ def save_adapter(
     accelerator.wait_for_everyone()
     # Under FSDP or ZeRO-3 each process holds shards: gather the full state dict (a collective, every process takes
     # part) and let the main process write the adapter once. Without sharding this is the plain state dict.
-    state_dict = accelerator.get_state_dict(model) if save_fn is None else None
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         os.makedirs(folder, exist_ok=True)
         readme = os.path.join(folder, "README.md")
         users_card = os.path.isfile(readme) and not written_by_hf_vpt(readme)  # before PEFT writes its own
         if save_fn is not None:
-            save_fn(folder)
+            save_fn(folder, state_dict)
         else:
             unwrapped.save_pretrained(folder, state_dict=state_dict)
         config = getattr(unwrapped, "peft_config", {}).get("default")

@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokens, labels = load_tokens(args)
     num_classes = args.num_classes or int(labels.max()) + 1
     grid = tuple(tokens.shape[1:])
-    model, vqvae, palette, special_id = build_models(args)
+    with training.loading_whole_model(accelerator):
+        model, vqvae, palette, special_id = build_models(args)
     variant = training.training_variant(args.method)
     config = variant.build_config(
         model, num_prompt_tokens=args.num_prompt_tokens, head_modules=[], num_classes=num_classes
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     training.resolve_max_train_steps(args, len(loader))
     optimizer = training.make_optimizer(model, args, args.method)
     scheduler = training.make_scheduler(accelerator, optimizer, args)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = training.prepare_for_training(accelerator, args, model, optimizer, scheduler)
     if vqvae is not None:
         vqvae.to(accelerator.device)
     training.init_trackers(accelerator, args, "generative_transfer")

@@ -189,12 +189,13 @@ def main(argv=None) -> dict:
     # A chosen --image_size goes into the processor, so that the saved one preprocesses as training did.
     size = {"size": {"height": data_args.image_size, "width": data_args.image_size}} if data_args.image_size else {}
     processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path, **size)
-    model = AutoModelForImageClassification.from_pretrained(
-        model_args.model_name_or_path,
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        ignore_mismatched_sizes=True,  # a new head for these classes
-    )
+    with training.loading_whole_model(accelerator):
+        model = AutoModelForImageClassification.from_pretrained(
+            model_args.model_name_or_path,
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            ignore_mismatched_sizes=True,  # a new head for these classes
+        )
     image_size = data_args.image_size or processor_size(processor, model.config)
     # ViTs made for another input size interpolate their position embeddings.
     native = getattr(model.config, "image_size", image_size)
@@ -234,7 +235,7 @@ def main(argv=None) -> dict:
     training.resolve_max_train_steps(args, len(train_loader))
     optimizer = training.make_optimizer(model, args, model_args.method)
     scheduler = training.make_scheduler(accelerator, optimizer, args)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = training.prepare_for_training(accelerator, args, model, optimizer, scheduler)
     training.init_trackers(accelerator, args, "image_classification")
 
     def loss_fn(batch):

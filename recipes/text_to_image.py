@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = training.make_accelerator(args)
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     set_seed(args.seed)
-    with tempfile.TemporaryDirectory() as workdir:
+    with tempfile.TemporaryDirectory() as workdir, training.loading_whole_model(accelerator):
         if args.tiny:
             pipe = tiny_pipeline(workdir)
         else:
@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
     training.resolve_max_train_steps(args, len(loader))
     optimizer = training.make_optimizer(text_encoder, args, args.method)
     scheduler = training.make_scheduler(accelerator, optimizer, args)
-    text_encoder, optimizer, scheduler = accelerator.prepare(text_encoder, optimizer, scheduler)
+    text_encoder, optimizer, scheduler = training.prepare_for_training(
+        accelerator, args, text_encoder, optimizer, scheduler
+    )
     pipe.unet.to(accelerator.device)
     pipe.vae.to(accelerator.device)
     training.init_trackers(accelerator, args, "text_to_image")
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics={},  # no evaluation metric: the step count is in the command and all_results.json, not model-index
         command=args.command,
         trainable=trainable,
-        save_fn=lambda path: hf_vpt.save_text_encoder_adapter(pipe, path),
+        save_fn=lambda path, state_dict: hf_vpt.save_text_encoder_adapter(pipe, path, state_dict=state_dict),
     )
     _common.finish(accelerator, args, folder, results)
     return results

@@ -16,6 +16,7 @@
   bit for bit; `--checkpoints_total_limit` keeps the newest N.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -268,7 +269,40 @@ def make_accelerator(args):
     )
     args.trackers = trackers
     warn_if_engine_not_applied(accelerator)
+    check_deepspeed_settings(accelerator, args)
     return accelerator
+
+
+def check_deepspeed_settings(accelerator, args) -> None:
+    """Under DeepSpeed the engine accumulates and clips, with the numbers of its config: accelerate then ignores
+    `--gradient_accumulation_steps` (with a log line) and `accelerator.clip_grad_norm_` does nothing. A recipe option
+    that contradicts the config is an error here, before any data or model loads; an "auto" value in the config
+    takes the option."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
+    if plugin is None:
+        return
+    if _zero3_plugin(accelerator) is not None and plugin.is_zero3_init_enabled():
+        raise ValueError(
+            "The accelerate config sets zero3_init_flag: true, which builds the base model partitioned; hf_vpt's "
+            "recipes load it whole and let DeepSpeed partition it in prepare. Set zero3_init_flag: false in the "
+            "config (as recipes/accelerate_zero3.yaml does), or launch with --zero3_init_flag false."
+        )
+    config = plugin.deepspeed_config
+    settings = (
+        ("gradient_accumulation_steps", "--gradient_accumulation_steps", args.gradient_accumulation_steps),
+        ("gradient_clipping", "--max_grad_norm", getattr(args, "max_grad_norm", None)),
+    )
+    for key, option, asked in settings:
+        configured = config.get(key, "auto")
+        if asked is None:
+            continue
+        if configured == "auto":
+            config[key] = asked
+        elif float(configured) != float(asked):
+            raise ValueError(
+                f"{option} {asked} contradicts the DeepSpeed config ({key}: {configured}), which DeepSpeed would "
+                f"use instead. Set {key}: {asked} in the accelerate config file, or pass {option} {configured}."
+            )
 
 
 # The launcher's engine settings (`accelerate launch --config_file` with FSDP or DeepSpeed) as environment flags.
@@ -287,6 +321,48 @@ def warn_if_engine_not_applied(accelerator) -> None:
             f"{accelerator.device.type} processes (it applies FSDP and DeepSpeed on accelerators only): every process "
             "holds the whole model. Launch on GPUs to shard it."
         )
+
+
+def _zero3_plugin(accelerator):
+    """accelerate's DeepSpeed plugin when it runs ZeRO stage 3, else None."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
+    if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    return plugin
+
+
+@contextlib.contextmanager
+def loading_whole_model(accelerator):
+    """Load the frozen base model whole on every process, as under DDP and FSDP; DeepSpeed partitions it in
+    `accelerator.prepare`.
+
+    Under ZeRO-3, accelerate registers its DeepSpeed config with transformers whatever `zero3_init_flag` says, so
+    `from_pretrained` would build the model already partitioned (`deepspeed.zero.Init`) and then refuse
+    `ignore_mismatched_sizes`, the new head of a recipe. This context lifts the registration while the model
+    loads (`check_deepspeed_settings` has refused `zero3_init_flag: true`).
+    """
+    plugin = _zero3_plugin(accelerator)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # accelerate's own registration, back for prepare and saving
+
+
+def prepare_for_training(accelerator, args, model, optimizer, scheduler):
+    """`accelerator.prepare(model, optimizer, scheduler)`, after the data loaders (prepared first: the schedule's
+    length depends on the per-process loader). DeepSpeed reads its micro-batch size from a loader in the same call
+    or from its config; accelerate's shipped DeepSpeed configs leave it to "auto", so it comes from
+    `--per_device_train_batch_size` here."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+    return accelerator.prepare(model, optimizer, scheduler)
 
 
 def init_trackers(accelerator, args, project_name: str) -> None:

@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
     labels = answer_vocabulary(train_records, args.max_answers) if args.task == "vqa" else []
     with tempfile.TemporaryDirectory() as workdir:
         set_seed(args.seed)
-        model, tokenizer, image_processor, label2id = build_model_and_processors(args, labels, workdir)
+        with training.loading_whole_model(accelerator):
+            model, tokenizer, image_processor, label2id = build_model_and_processors(args, labels, workdir)
         base_name = args.model_name_or_path or model.config._name_or_path
         model = get_peft_model(model, peft_config(model, args))
         model.peft_config["default"].base_model_name_or_path = base_name
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     training.resolve_max_train_steps(args, len(train_loader))
     optimizer = training.make_optimizer(model, args, args.method)
     scheduler = training.make_scheduler(accelerator, optimizer, args)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = training.prepare_for_training(accelerator, args, model, optimizer, scheduler)
     training.init_trackers(accelerator, args, "vision_language")
 
     def loss_fn(batch):

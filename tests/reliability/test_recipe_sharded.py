@@ -1,18 +1,26 @@
-"""recipes/image_classification.py launched with the accelerate configs that ship in recipes/ (FSDP2 and DeepSpeed
-ZeRO-3), for the methods that once broke under sharding.
+"""The recipes launched with the accelerate configs that ship in recipes/ (FSDP2 and DeepSpeed ZeRO-3), unchanged.
 
 accelerate applies FSDP and DeepSpeed only on accelerators: on CPU processes it runs plain DDP whatever the config
-says (accelerate/state.py keeps `MULTI_CPU`), silently. So:
+says (accelerate/state.py keeps `MULTI_CPU`), silently. So, on CPU (CI):
 
-* on CPU (CI), one launch per shipped config checks that the recipe says so in a warning, reports the engine it
-  really ran (`distributed_type` in all_results.json) and still trains the single-process adapter;
-* on a machine with CUDA GPUs, every method under each config must really run on the engine, train the adapter of
-  one process with the same global batch (atol 1e-5), save it once in a form `PeftModel.from_pretrained` loads onto
-  an unsharded model, and resume from a checkpoint written under the engine bit for bit. Those tests skip on CPU.
+* a plain `accelerate launch --config_file <shipped config>` checks that the recipe says so in a warning, reports
+  the engine it really ran (`distributed_type` in all_results.json) and still trains the single-process adapter;
+* every other test launches the recipe through `accelerate_engine_on_cpu.py`, which applies the engine the launcher
+  asked for on the CPU processes, so that accelerate's own FSDP2 / DeepSpeed code runs over gloo: `prepare`
+  (`fully_shard` on the named block class and the root; `deepspeed.initialize` with every tensor partitioned),
+  clipping, `get_state_dict`, `save_state` and `load_state`.
 
-The config files are used as shipped, with `--mixed_precision no` (they ask for bf16, which would make the
-comparisons bf16 ones). `tests/reliability/test_sharded.py` runs every method under each engine through torch and
-deepspeed directly on CPU; this file checks the recipe path a user takes.
+On a machine with CUDA GPUs the same tests launch the recipes directly (NCCL; 2 ranks, or 1 with one GPU).
+
+Per engine and method (image classification: VPT-deep on its key/value-prefix path, VPT-shallow, gated, APT) the
+launch really runs the engine, trains the adapter of one process with the same global batch (atol 1e-5), writes it
+once, in a form `PeftModel.from_pretrained` loads onto an unsharded model, and resumes from a checkpoint written
+under the engine bit for bit. The other recipes (vision-language APT on ViLT, generative prompts on UVit2D, APT on
+the Stable Diffusion text encoder) each draw per-process random masks or noise, so their reference is a plain DDP
+launch with the same processes. Every launch clips gradients at 1.0, as the shipped ZeRO-3 config does (DeepSpeed
+clips inside its engine, at its config's value). The configs ask for bf16; the launches pass `--mixed_precision no`
+so that the comparisons are float32 ones. `test_sharded.py` runs every method under each engine through torch and
+deepspeed directly; this file checks the recipe path a user takes.
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -33,15 +40,17 @@ from shared_helpers import write_tiny_vit_and_images
 
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "recipes" / "image_classification.py"
+RECIPES = ROOT / "recipes"
+ENGINE_ON_CPU = Path(__file__).with_name("accelerate_engine_on_cpu.py")
 ENGINES = {
-    "fsdp2": (ROOT / "recipes" / "accelerate_fsdp2.yaml", "FSDP"),
-    "zero3": (ROOT / "recipes" / "accelerate_zero3.yaml", "DEEPSPEED"),
+    "fsdp2": (RECIPES / "accelerate_fsdp2.yaml", "FSDP"),
+    "zero3": (RECIPES / "accelerate_zero3.yaml", "DEEPSPEED"),
 }
 # VPT-deep (its key/value prefix once crashed under per-block FSDP), gated prompts (their clamp once edited the
-# gathered copy), APT (its bank once shadowed nn.Module.apply, which deepspeed.initialize calls).
-METHODS = ("vpt_deep", "gated", "apt")
+# gathered copy), APT (its bank once shadowed nn.Module.apply, which deepspeed.initialize calls), VPT-shallow.
+METHODS = ("vpt_deep", "vpt_shallow", "gated", "apt")
 BATCH = 4  # per process; 16 training images: 2 optimiser steps of 2 x 4 per epoch
+CLIP = ("--max_grad_norm", "1.0")  # the shipped ZeRO-3 config's gradient_clipping
 TOLERANCE = 1e-5
 
 
@@ -49,6 +58,14 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+ON_GPU = _gpus() > 0
+PROCESSES = min(2, _gpus()) if ON_GPU else 2
 
 
 def _env(cpu: bool) -> dict:
@@ -65,14 +82,43 @@ def _env(cpu: bool) -> dict:
     return env
 
 
-def _gpus() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+def _run(command: list, cpu: bool, expect_failure: bool = False) -> str:
+    done = subprocess.run(command, cwd=ROOT, env=_env(cpu), capture_output=True, text=True, timeout=600)
+    if expect_failure:
+        assert done.returncode != 0, done.stdout[-2000:]
+        return done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(map(str, command))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
 
 
-needs_gpus = pytest.mark.skipif(
-    _gpus() == 0,
-    reason="accelerate applies FSDP and DeepSpeed on accelerators only (on CPU it runs DDP); needs a CUDA GPU",
-)
+def _launch(engine: str, recipe: str, *recipe_args, launcher_args=(), plain_cpu=False, expect_failure=False) -> str:
+    """`accelerate launch --config_file <shipped config> [launcher_args] recipes/<recipe> ...`. On CPU the recipe runs
+    through `accelerate_engine_on_cpu.py` (the engine applied), unless `plain_cpu` (accelerate's own DDP fallback)."""
+    config, _ = ENGINES[engine]
+    cpu = plain_cpu or not ON_GPU
+    script = [str(RECIPES / recipe)] if plain_cpu or ON_GPU else [str(ENGINE_ON_CPU), str(RECIPES / recipe)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+               str(PROCESSES), "--main_process_port", str(_free_port()), "--mixed_precision", "no", *launcher_args,
+               *script, *recipe_args]  # fmt: skip
+    return _run(command, cpu=cpu, expect_failure=expect_failure)
+
+
+def _launch_ddp(recipe: str, *recipe_args) -> None:
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
+          "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+          "--dynamo_backend", "no", str(RECIPES / recipe), *recipe_args], cpu=not ON_GPU)  # fmt: skip
+
+
+def _needs_deepspeed(engine: str) -> None:
+    if engine == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install deepspeed)")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("recipe_sharded")
+    write_tiny_vit_and_images(root, {"train": 8, "val": 2})
+    return root
 
 
 def _recipe_args(data: Path, out: Path, method: str, batch_size: int, *extra) -> list:
@@ -91,84 +137,26 @@ def _recipe_args(data: Path, out: Path, method: str, batch_size: int, *extra) ->
     ]  # fmt: skip
 
 
-def _run(command: list, cpu: bool) -> str:
-    done = subprocess.run(command, cwd=ROOT, env=_env(cpu), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(map(str, command))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
-def _launch(engine: str, *recipe_args, cpu: bool = False) -> str:
-    """`accelerate launch --config_file <shipped config>`: 2 processes (1 on a machine with one GPU: NCCL takes one
-    rank per GPU; the engine's gather, save and resume paths run all the same)."""
-    config, _ = ENGINES[engine]
-    processes = 2 if cpu else min(2, _gpus())
-    return _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
-                 str(processes), "--main_process_port", str(_free_port()), "--mixed_precision", "no", str(RECIPE),
-                 *recipe_args], cpu=cpu)  # fmt: skip
-
-
-def _needs_deepspeed(engine: str) -> None:
-    if engine == "zero3" and importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed (pip install deepspeed)")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("recipe_sharded")
-    write_tiny_vit_and_images(root, {"train": 8, "val": 2})
-    return root
-
-
-def _single_process(data: Path, method: str, cpu: bool, global_batch: int) -> Path:
+def _single_process(data: Path, method: str, *extra) -> Path:
     """The reference: one process (on the GPU where there is one), the global batch of the launch."""
-    out = data / f"single-{method}-{'cpu' if cpu else 'gpu'}"
+    out = data / f"single-{method}{'-clipped' if extra else ''}"
     if not out.is_dir():
-        _run([sys.executable, str(RECIPE), *_recipe_args(data, out, method, global_batch)], cpu=cpu)
+        args = _recipe_args(data, out, method, PROCESSES * BATCH, *extra)
+        _run([sys.executable, str(RECIPES / "image_classification.py"), *args], cpu=not ON_GPU)
     return out
 
 
-def _assert_same_adapter(out: Path, reference: Path) -> None:
-    adapter, expected = (
-        load_file(out / "adapter_model.safetensors"),
-        load_file(reference / "adapter_model.safetensors"),
-    )
+def _adapter_tensors(folder: Path) -> dict:
+    return {key: value for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")
+            for key, value in load_file(folder / name).items()}  # fmt: skip
+
+
+def _assert_same_adapter(out: Path, reference: Path, atol: float = TOLERANCE) -> None:
+    adapter, expected = _adapter_tensors(out), _adapter_tensors(reference)
     assert sorted(adapter) == sorted(expected) and len(adapter) > 1
     for key in expected:
-        torch.testing.assert_close(adapter[key], expected[key], rtol=0, atol=TOLERANCE, msg=key)
-
-
-@pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_on_cpu_the_recipe_says_accelerate_runs_ddp_and_trains_the_same_adapter(engine, data):
-    _needs_deepspeed(engine)
-    out = data / f"{engine}-cpu"
-    stdout = _launch(engine, *_recipe_args(data, out, "vpt_deep", BATCH), cpu=True)
-    engine_name = {"fsdp2": "FSDP", "zero3": "DeepSpeed"}[engine]
-    assert f"the launcher asked for {engine_name}, but accelerate runs MULTI_CPU" in stdout, stdout[-2000:]
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["distributed_type"] == "MULTI_CPU" and results["num_processes"] == 2
-    _assert_same_adapter(out, _single_process(data, "vpt_deep", cpu=True, global_batch=2 * BATCH))
-
-
-@needs_gpus
-@pytest.mark.parametrize("engine", sorted(ENGINES))
-@pytest.mark.parametrize("method", METHODS)
-def test_shipped_config_trains_the_single_process_adapter(engine, method, data):
-    _needs_deepspeed(engine)
-    processes = min(2, _gpus())
-    out = data / f"{engine}-{method}"
-    stdout = _launch(engine, *_recipe_args(data, out, method, BATCH))
-    assert "Warning: the launcher asked for" not in stdout
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["distributed_type"] == ENGINES[engine][1] and results["num_processes"] == processes
-    saved = sorted(name for name in os.listdir(out) if name.startswith("adapter_model"))
-    assert saved == ["adapter_model.safetensors"]  # one file, written once by the main process
-    reference = _single_process(data, method, cpu=False, global_batch=processes * BATCH)
-    _assert_same_adapter(out, reference)
-
-    # The adapter loads onto an unsharded model and predicts as the single-process one does.
-    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    logits = [_load(data, folder)(pixel_values=pixels).logits for folder in (out, reference)]
-    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-4)
+        assert adapter[key].dtype == torch.float32, key
+        torch.testing.assert_close(adapter[key], expected[key], rtol=0, atol=atol, msg=key)
 
 
 def _load(data: Path, folder: Path):
@@ -183,20 +171,105 @@ def _load(data: Path, folder: Path):
     return PeftModel.from_pretrained(base, folder).eval()
 
 
-@needs_gpus
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_on_cpu_the_recipe_says_accelerate_runs_ddp_and_trains_the_same_adapter(engine, data):
+    _needs_deepspeed(engine)
+    out = data / f"{engine}-plain-cpu"
+    args = _recipe_args(data, out, "vpt_deep", BATCH, *CLIP)
+    stdout = _launch(engine, "image_classification.py", *args, plain_cpu=True)
+    engine_name = {"fsdp2": "FSDP", "zero3": "DeepSpeed"}[engine]
+    assert f"the launcher asked for {engine_name}, but accelerate runs MULTI_CPU" in stdout, stdout[-2000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["distributed_type"] == "MULTI_CPU" and results["num_processes"] == 2
+    _assert_same_adapter(out, _single_process(data, "vpt_deep", *CLIP))
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("method", METHODS)
+def test_shipped_config_trains_the_single_process_adapter(engine, method, data):
+    _needs_deepspeed(engine)
+    out = data / f"{engine}-{method}"
+    stdout = _launch(engine, "image_classification.py", *_recipe_args(data, out, method, BATCH, *CLIP))
+    assert "Warning: the launcher asked for" not in stdout
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["distributed_type"] == ENGINES[engine][1] and results["num_processes"] == PROCESSES
+    saved = sorted(name for name in os.listdir(out) if name.startswith("adapter_model"))
+    assert saved == ["adapter_model.safetensors"]  # one file, written once by the main process
+    reference = _single_process(data, method, *CLIP)
+    _assert_same_adapter(out, reference)
+
+    # The adapter loads onto an unsharded model and predicts as the single-process one does.
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = [_load(data, folder)(pixel_values=pixels).logits for folder in (out, reference)]
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_resume_under_the_engine_is_bit_exact(engine, data):
+    """A run stopped at step 2 (its checkpoint written by accelerate's FSDP / DeepSpeed `save_state`) and resumed
+    from 'latest' ends with the adapter of an uninterrupted run under the same engine, bit for bit."""
     _needs_deepspeed(engine)
     straight, interrupted = data / f"{engine}-straight", data / f"{engine}-interrupted"
-    common = ("--checkpointing_steps", "2", "--prompt_dropout", "0.1", "--random_flip")
-    _launch(engine, *_recipe_args(data, straight, "vpt_deep", BATCH, *common))
-    _launch(engine, *_recipe_args(data, interrupted, "vpt_deep", BATCH, *common, "--stop_after_steps", "2"))
+    common = ("--checkpointing_steps", "2", "--prompt_dropout", "0.1", "--random_flip", *CLIP)
+    recipe = "image_classification.py"
+    _launch(engine, recipe, *_recipe_args(data, straight, "vpt_deep", BATCH, *common))
+    _launch(engine, recipe, *_recipe_args(data, interrupted, "vpt_deep", BATCH, *common, "--stop_after_steps", "2"))
     assert not (interrupted / "adapter_model.safetensors").exists()
     assert (interrupted / "checkpoint-2").is_dir()
-    _launch(engine, *_recipe_args(data, interrupted, "vpt_deep", BATCH, *common, "--resume_from_checkpoint", "latest"))
-    expected = load_file(straight / "adapter_model.safetensors")
-    actual = load_file(interrupted / "adapter_model.safetensors")
-    assert sorted(expected) == sorted(actual)
+    _launch(engine, recipe, *_recipe_args(data, interrupted, "vpt_deep", BATCH, *common, "--resume_from_checkpoint",
+                                          "latest"))  # fmt: skip
+    expected, actual = _adapter_tensors(straight), _adapter_tensors(interrupted)
+    assert sorted(expected) == sorted(actual) and expected
     for key, value in expected.items():
         assert torch.equal(value, actual[key]), key
-    shutil.rmtree(interrupted)
+
+
+# recipe -> (the transformers / diffusers block class to auto-wrap under FSDP, the recipe options)
+OTHER_RECIPES = {
+    "vision_language.py": ("ViltLayer", ["--task", "vqa", "--method", "apt", "--max_train_steps", "3"]),
+    "generative_transfer.py": ("BasicTransformerBlock", ["--tiny", "--model", "uvit", "--max_train_steps", "3"]),
+    "text_to_image.py": ("CLIPEncoderLayer", ["--tiny", "--method", "apt", "--max_train_steps", "3",
+                                              "--eval_steps", "100"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("recipe", sorted(OTHER_RECIPES))
+def test_every_recipe_takes_the_shipped_config(engine, recipe, tmp_path):
+    """The shipped config with the block class of the recipe's model named on the command line (the one change an
+    FSDP user makes per model) trains the adapter of a plain DDP launch, saved once, in float32."""
+    _needs_deepspeed(engine)
+    block, options = OTHER_RECIPES[recipe]
+    common = [*options, "--per_device_train_batch_size", "2", "--disable_tqdm", "--report_to", "none", *CLIP]
+    sharded, ddp = tmp_path / engine, tmp_path / "ddp"
+    launcher_args = ["--fsdp_transformer_layer_cls_to_wrap", block] if engine == "fsdp2" else []
+    stdout = _launch(engine, recipe, *common, "--output_dir", str(sharded), launcher_args=launcher_args)
+    assert "Warning: the launcher asked for" not in stdout
+    _launch_ddp(recipe, *common, "--output_dir", str(ddp))
+    saved = sorted(name for name in os.listdir(sharded / "adapter") if name.endswith(".safetensors"))
+    assert saved == ["adapter_model.safetensors"]
+    _assert_same_adapter(sharded / "adapter", ddp / "adapter")
+
+
+def test_a_recipe_option_that_deepspeed_would_override_is_an_error(data, tmp_path):
+    """DeepSpeed clips and accumulates with its config's numbers and ignores the recipe's: a contradiction stops the
+    launch before anything loads, naming both values."""
+    _needs_deepspeed("zero3")
+    for option, value, key in [
+        ("--max_grad_norm", "0.5", "gradient_clipping: 1.0"),
+        ("--gradient_accumulation_steps", "2", "gradient_accumulation_steps: 1"),
+    ]:
+        args = _recipe_args(data, tmp_path / "out", "vpt_deep", BATCH, option, value)
+        output = _launch("zero3", "image_classification.py", *args, expect_failure=True)
+        assert f"{option} {value} contradicts the DeepSpeed config ({key})" in output, output[-2000:]
+        assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_zero3_init_flag_is_refused_with_the_fix(data, tmp_path):
+    _needs_deepspeed("zero3")
+    args = _recipe_args(data, tmp_path / "out", "vpt_deep", BATCH)
+    output = _launch(
+        "zero3", "image_classification.py", *args, launcher_args=["--zero3_init_flag", "true"], expect_failure=True
+    )
+    assert "sets zero3_init_flag: true" in output and "--zero3_init_flag false" in output, output[-2000:]
