@@ -116,6 +116,7 @@ def save_adapter(
     # Under FSDP or ZeRO-3 each process holds shards: gather the full state dict (a collective, every process takes
     # part) and let the main process write the adapter once. Without sharding this is the plain state dict.
     state_dict = accelerator.get_state_dict(model)
+    _use_float32_masters(accelerator, model, state_dict)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         os.makedirs(folder, exist_ok=True)
@@ -150,6 +151,24 @@ def save_adapter(
                 MODEL_CARD_FACTS.reset(facts)
     accelerator.wait_for_everyone()
     return folder
+
+
+def _use_float32_masters(accelerator, model, state_dict: dict | None) -> None:
+    """DeepSpeed with bf16 or fp16 trains 16-bit copies of the parameters and keeps their float32 masters in its
+    optimiser; accelerate's state dict holds the 16-bit copies. Put the masters of the trained tensors in instead, so
+    that the adapter is saved in float32, as under DDP and FSDP. Every process must call it (under ZeRO-3 gathering
+    a master is a collective); the masters land where `state_dict` has the key (the main process; the others may
+    hold None)."""
+    if accelerator.distributed_type.value != "DEEPSPEED":
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if not param.requires_grad or param.dtype == torch.float32:
+            continue
+        master = safe_get_full_fp32_param(param)
+        if master is not None and state_dict is not None and name in state_dict:
+            state_dict[name] = master.detach().cpu()
 
 
 def push_folder_to_hub(folder: str, repo_id: str | None, token: str | None = None, private: bool = False) -> str:

@@ -7,7 +7,10 @@
 * Startup checks, before any data or model is loaded: `check_trackers` (`--report_to` names installed trackers)
   and `check_hub` (`--push_to_hub` has a network, a token and a valid repo id).
 * `make_accelerator`: mixed precision from `accelerate launch` unless `--mixed_precision` is given, seedable
-  shuffling, trackers.
+  shuffling, trackers; under DeepSpeed, options its config would override must agree with it.
+* Sharded engines (`accelerate launch --config_file` with FSDP or DeepSpeed): `loading_whole_model` around the
+  base model's `from_pretrained` (ZeRO-3 partitions it in `prepare`, not while it loads), `prepare_for_training`
+  for the model, optimiser and scheduler (after the loaders).
 * `make_optimizer` (the variant's registry defaults unless the user gives `--optimizer` / `--learning_rate` /
   `--weight_decay`) and `make_scheduler` (`transformers.get_scheduler`).
 * `train_loop`: gradient accumulation, clipping, logging, evaluation, a progress bar counting optimiser steps, and

@@ -7,6 +7,9 @@ references decompose an untouched model by its attribute names), which `hf_vpt/`
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +89,16 @@ def blocks_and_parts(name, model):
 
         return lambda inp: model.embeddings(inp["pixel_values"]), model.encoder.layers, finish
     raise KeyError(name)
+
+
+def deepspeed_import_error() -> str | None:
+    """Why DeepSpeed cannot be used here (the last line of `import deepspeed`'s error), or None. Imported in a child
+    process: the import probes accelerators."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    done = subprocess.run([sys.executable, "-c", "import deepspeed"], env=env, capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    return (done.stderr.strip().splitlines() or ["(no message)"])[-1]
 
 
 def write_tiny_vit_and_images(root: Path, splits: dict) -> Path:

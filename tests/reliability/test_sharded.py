@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_helpers import deepspeed_import_error
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,18 +87,9 @@ def test_every_method_trains_sharded_like_one_process(engine, tmp_path):
     _check(engine, _launch(engine, tmp_path), tmp_path)
 
 
-def _deepspeed_missing() -> str | None:
-    """Why DeepSpeed cannot be used here, or None. Imported in a child process: the import probes accelerators."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    done = subprocess.run([sys.executable, "-c", "import deepspeed"], env=env, capture_output=True, text=True)
-    if done.returncode == 0:
-        return None
-    return (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-
-
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_zero(stage, tmp_path):
-    missing = _deepspeed_missing()
+    missing = deepspeed_import_error()
     if missing is not None:
         pytest.skip(f"`import deepspeed` fails (it is in the `test` extra: pip install -e '.[test]'): {missing}")
     results = _launch(stage, tmp_path, DS_ACCELERATOR="cpu")
