@@ -14,7 +14,8 @@ Two kinds of columns:
   prompts `recipes/generative_transfer.py --tiny` (UVit2D) against a plain DDP launch, since it draws its masks per
   process. Every recipe run clips gradients at 1.0, as the ZeRO-3 config does.
 
-Each cell is the largest absolute difference over the trained tensors (float32). Takes about 5 minutes on 2 cores.
+Each cell is the largest absolute difference over the trained tensors (float32); the script exits with an error when
+a cell is above the tests' bound, 1e-5. Takes about 5 minutes on 2 cores.
 
     python bench/sharded_matrix.py
     python bench/sharded_matrix.py --json bench/results/sharded_matrix.json
@@ -48,6 +49,7 @@ DIRECT_ENGINES = {
 }
 RECIPE_ENGINES = {"recipe_fsdp2": "recipe + fsdp2.yaml", "recipe_zero3": "recipe + zero3.yaml"}
 CLIP = ["--max_grad_norm", "1.0"]
+TOLERANCE = 1e-5  # the tests' bound on every cell
 
 
 def _free_port() -> int:
@@ -168,12 +170,15 @@ def main() -> None:
     for method in METHODS:
         cells = [f"{table[engine, method]:.1e}" for engine in columns]
         print(f"| {method} | " + " | ".join(cells) + " |")
+    failed = {key: value for key, value in table.items() if not value <= TOLERANCE}
     if args.json:
         rows = [
             {"engine": engine, "method": method, "max_abs_difference": value}
             for (engine, method), value in table.items()
         ]
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if failed:
+        raise SystemExit(f"above the tests' tolerance {TOLERANCE}: {failed}")
 
 
 if __name__ == "__main__":

@@ -142,12 +142,13 @@ def build_models(args):
 
 def uvit_conditioning(model, batch: int, device) -> dict:
     """Fixed conditioning for class-conditional transfer: zero text states and micro-conditions (the prompts carry
-    the class)."""
+    the class), in the model's dtype (DeepSpeed with bf16 casts the model itself, without autocast)."""
     config = model.config
+    dtype = model.dtype
     return {
-        "encoder_hidden_states": torch.zeros(batch, 1, config.encoder_hidden_size, device=device),
-        "pooled_text_emb": torch.zeros(batch, config.cond_embed_dim, device=device),
-        "micro_conds": torch.zeros(batch, 5, device=device),
+        "encoder_hidden_states": torch.zeros(batch, 1, config.encoder_hidden_size, device=device, dtype=dtype),
+        "pooled_text_emb": torch.zeros(batch, config.cond_embed_dim, device=device, dtype=dtype),
+        "micro_conds": torch.zeros(batch, 5, device=device, dtype=dtype),
     }
 
 

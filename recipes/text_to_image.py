@@ -188,8 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
     text_encoder, optimizer, scheduler = training.prepare_for_training(
         accelerator, args, text_encoder, optimizer, scheduler
     )
-    pipe.unet.to(accelerator.device)
-    pipe.vae.to(accelerator.device)
+    # DeepSpeed with bf16 / fp16 casts the text encoder itself rather than autocasting; the frozen UNet and VAE then
+    # run in that dtype too, as diffusers' training examples cast their frozen parts (and the pipeline's sampling
+    # feeds the UNet in the text encoder's dtype).
+    frozen_dtype = accelerator.unwrap_model(text_encoder).dtype
+    pipe.unet.to(accelerator.device, dtype=frozen_dtype)
+    pipe.vae.to(accelerator.device, dtype=frozen_dtype)
     training.init_trackers(accelerator, args, "text_to_image")
     noise_scheduler = pipe.scheduler
     scaling = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
@@ -200,8 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def loss_fn(batch):
         with torch.no_grad():
-            latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.sample(noise_generator) * scaling
-        noise = torch.randn(latents.shape, generator=noise_generator, device=latents.device)
+            pixels = batch["pixel_values"].to(pipe.vae.dtype)
+            latents = pipe.vae.encode(pixels).latent_dist.sample(noise_generator) * scaling
+        noise = torch.randn(latents.shape, generator=noise_generator, device=latents.device, dtype=latents.dtype)
         steps = torch.randint(
             0,
             noise_scheduler.config.num_train_timesteps,

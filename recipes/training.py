@@ -279,29 +279,30 @@ def make_accelerator(args):
 def check_deepspeed_settings(accelerator, args) -> None:
     """Under DeepSpeed the engine accumulates and clips, with the numbers of its config: accelerate then ignores
     `--gradient_accumulation_steps` (with a log line) and `accelerator.clip_grad_norm_` does nothing. A recipe option
-    that contradicts the config is an error here, before any data or model loads; an "auto" value in the config
-    takes the option."""
+    that contradicts the config is an error here, before any data or model loads. An "auto" value in the config
+    takes the recipe's: its option, or for clipping no clipping when `--max_grad_norm` is not given, as under DDP and
+    FSDP (accelerate would fill in 1.0)."""
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
     if plugin is None:
         return
     if _zero3_plugin(accelerator) is not None and plugin.is_zero3_init_enabled():
-        raise ValueError(
-            "The accelerate config sets zero3_init_flag: true, which builds the base model partitioned; hf_vpt's "
-            "recipes load it whole and let DeepSpeed partition it in prepare. Set zero3_init_flag: false in the "
-            "config (as recipes/accelerate_zero3.yaml does), or launch with --zero3_init_flag false."
+        # accelerate's default for ZeRO-3 when the launcher does not say (--use_deepspeed --zero_stage 3)
+        accelerator.print(
+            "Note: zero3_init_flag is on, but the recipe loads the frozen base model whole on every process (the "
+            "prompts attach to the whole model) and DeepSpeed partitions it in prepare. Launch with "
+            "--zero3_init_flag false to silence this."
         )
     config = plugin.deepspeed_config
+    max_grad_norm = getattr(args, "max_grad_norm", None)
     settings = (
-        ("gradient_accumulation_steps", "--gradient_accumulation_steps", args.gradient_accumulation_steps),
-        ("gradient_clipping", "--max_grad_norm", getattr(args, "max_grad_norm", None)),
+        ("gradient_accumulation_steps", "--gradient_accumulation_steps", args.gradient_accumulation_steps, None),
+        ("gradient_clipping", "--max_grad_norm", max_grad_norm, 0.0),
     )
-    for key, option, asked in settings:
+    for key, option, asked, recipe_default in settings:
         configured = config.get(key, "auto")
-        if asked is None:
-            continue
         if configured == "auto":
-            config[key] = asked
-        elif float(configured) != float(asked):
+            config[key] = recipe_default if asked is None else asked
+        elif asked is not None and float(configured) != float(asked):
             raise ValueError(
                 f"{option} {asked} contradicts the DeepSpeed config ({key}: {configured}), which DeepSpeed would "
                 f"use instead. Set {key}: {asked} in the accelerate config file, or pass {option} {configured}."
@@ -342,7 +343,7 @@ def loading_whole_model(accelerator):
     Under ZeRO-3, accelerate registers its DeepSpeed config with transformers whatever `zero3_init_flag` says, so
     `from_pretrained` would build the model already partitioned (`deepspeed.zero.Init`) and then refuse
     `ignore_mismatched_sizes`, the new head of a recipe. This context lifts the registration while the model
-    loads (`check_deepspeed_settings` has refused `zero3_init_flag: true`).
+    loads, whatever `zero3_init_flag` says (`check_deepspeed_settings` says so when it is on).
     """
     plugin = _zero3_plugin(accelerator)
     if plugin is None:

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,14 +77,16 @@ def _env(cpu: bool) -> dict:
         OMP_NUM_THREADS="1",
         MASTER_ADDR="127.0.0.1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        NVIDIA_TF32_OVERRIDE="0",  # on GPUs: float32 convolutions and matmuls, for the 1e-5 comparisons
     )
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
     return env
 
 
-def _run(command: list, cpu: bool, expect_failure: bool = False) -> str:
-    done = subprocess.run(command, cwd=ROOT, env=_env(cpu), capture_output=True, text=True, timeout=600)
+def _run(command: list, cpu: bool, expect_failure: bool = False, **extra_env: str) -> str:
+    env = {**_env(cpu), **extra_env}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if expect_failure:
         assert done.returncode != 0, done.stdout[-2000:]
         return done.stdout + done.stderr
@@ -94,16 +97,34 @@ def _run(command: list, cpu: bool, expect_failure: bool = False) -> str:
 def _launch(
     engine: str, recipe: str, *recipe_args, launcher_args=(), plain_cpu=False, expect_failure=False, precision="no"
 ) -> str:
-    """`accelerate launch --config_file <shipped config> [launcher_args] recipes/<recipe> ...`. On CPU the recipe runs
-    through `accelerate_engine_on_cpu.py` (the engine applied), unless `plain_cpu` (accelerate's own DDP fallback)."""
+    """`accelerate launch --config_file <shipped config> [launcher_args] recipes/<recipe> ...` through
+    `accelerate_engine_on_cpu.py` (on CPU it applies the engine; everywhere it makes ZeRO-3 partition every tensor
+    and reports what `prepare` did), or with `plain_cpu` the recipe itself on CPU (accelerate's own DDP fallback)."""
     config, _ = ENGINES[engine]
     cpu = plain_cpu or not ON_GPU
-    script = [str(RECIPES / recipe)] if plain_cpu or ON_GPU else [str(ENGINE_ON_CPU), str(RECIPES / recipe)]
+    script = [str(RECIPES / recipe)] if plain_cpu else [str(ENGINE_ON_CPU), str(RECIPES / recipe)]
     processes = 2 if cpu else PROCESSES
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
                str(processes), "--main_process_port", str(_free_port()), "--mixed_precision", precision, *launcher_args,
                *script, *recipe_args]  # fmt: skip
-    return _run(command, cpu=cpu, expect_failure=expect_failure)
+    report = _output_dir(recipe_args) / "engine_report"
+    return _run(command, cpu=cpu, expect_failure=expect_failure, HF_VPT_ENGINE_REPORT=str(report))
+
+
+def _output_dir(recipe_args) -> Path:
+    return Path(recipe_args[list(recipe_args).index("--output_dir") + 1])
+
+
+def _assert_engine_ran(out: Path, engine: str) -> list:
+    """Every process's parameters after `prepare` are the engine's (FSDP2: DTensors; ZeRO-3: partitioned, an empty
+    local tensor each); returns the reports."""
+    reports = [json.loads(path.read_text()) for path in sorted((out / "engine_report").glob("rank*.json"))]
+    assert len(reports) == (2 if not ON_GPU else PROCESSES), reports
+    for report in reports:
+        assert report["distributed_type"] == ENGINES[engine][1] and report["parameters"] > 0, report
+        counted = report["dtensor"] if engine == "fsdp2" else report["zero3_partitioned"]
+        assert counted == report["parameters"], report
+    return reports
 
 
 def _launch_ddp(recipe: str, *recipe_args) -> None:
@@ -202,6 +223,7 @@ def test_shipped_config_trains_the_single_process_adapter(engine, method, data):
     out = data / f"{engine}-{method}"
     stdout = _launch(engine, "image_classification.py", *_recipe_args(data, out, method, BATCH, *CLIP))
     assert "Warning: the launcher asked for" not in stdout
+    _assert_engine_ran(out, engine)
     results = json.loads((out / "all_results.json").read_text())
     assert results["distributed_type"] == ENGINES[engine][1] and results["num_processes"] == PROCESSES
     saved = sorted(name for name in os.listdir(out) if name.startswith("adapter_model"))
@@ -224,8 +246,10 @@ def test_bf16_as_the_shipped_configs_ask_saves_the_float32_adapter(engine, data)
     _needs_deepspeed(engine)
     out = data / f"{engine}-bf16"
     _launch(engine, "image_classification.py", *_recipe_args(data, out, "vpt_deep", BATCH, *CLIP), precision="bf16")
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["distributed_type"] == ENGINES[engine][1]
+    reports = _assert_engine_ran(out, engine)
+    # what the engine trains: FSDP2 float32 shards (bf16 only in compute), DeepSpeed bf16 copies of float32 masters
+    expected = "torch.float32" if engine == "fsdp2" else "torch.bfloat16"
+    assert all(report["trainable_dtypes"] == [expected] for report in reports), reports
     reference_folder = _single_process(data, "vpt_deep")
     adapter, reference = _adapter_tensors(out), _adapter_tensors(reference_folder)
     assert sorted(adapter) == sorted(reference)
@@ -233,7 +257,8 @@ def test_bf16_as_the_shipped_configs_ask_saves_the_float32_adapter(engine, data)
         assert value.dtype == torch.float32, key
         # float32 weights, not 16-bit copies cast up: some values are not representable in bf16
         assert (value != value.bfloat16().float()).any(), key
-        torch.testing.assert_close(value, reference[key], rtol=0, atol=2e-2, msg=key)
+        # measured on CPU: at most 3.6e-3; AdamW's normalised steps (lr 0.05) leave room for sign flips
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=5e-2, msg=key)
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = [_load(data, folder)(pixel_values=pixels).logits for folder in (out, reference_folder)]
@@ -281,10 +306,28 @@ def test_every_recipe_takes_the_shipped_config(engine, recipe, tmp_path):
     launcher_args = ["--fsdp_transformer_layer_cls_to_wrap", block] if engine == "fsdp2" else []
     stdout = _launch(engine, recipe, *common, "--output_dir", str(sharded), launcher_args=launcher_args)
     assert "Warning: the launcher asked for" not in stdout
+    _assert_engine_ran(sharded, engine)
     _launch_ddp(recipe, *common, "--output_dir", str(ddp))
     saved = sorted(name for name in os.listdir(sharded / "adapter") if name.endswith(".safetensors"))
     assert saved == ["adapter_model.safetensors"]
     _assert_same_adapter(sharded / "adapter", ddp / "adapter")
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("recipe", sorted(OTHER_RECIPES))
+def test_every_recipe_trains_in_bf16_under_the_shipped_config(engine, recipe, tmp_path):
+    """The configs ask for bf16: DeepSpeed then casts the model itself, without autocast, so whatever a recipe feeds
+    it besides the model's own outputs (UVit2D's conditioning, the SD text encoder's states into the frozen UNet,
+    sampling) must follow the model's dtype. The run completes and saves a finite float32 adapter."""
+    _needs_deepspeed(engine)
+    block, options = OTHER_RECIPES[recipe]
+    out = tmp_path / engine
+    args = [*options, "--per_device_train_batch_size", "2", "--disable_tqdm", "--report_to", "none", *CLIP]
+    launcher_args = ["--fsdp_transformer_layer_cls_to_wrap", block] if engine == "fsdp2" else []
+    _launch(engine, recipe, *args, "--output_dir", str(out), launcher_args=launcher_args, precision="bf16")
+    _assert_engine_ran(out, engine)
+    adapter = _adapter_tensors(out / "adapter")
+    assert adapter and all(value.dtype == torch.float32 and value.isfinite().all() for value in adapter.values())
 
 
 def test_a_recipe_option_that_deepspeed_would_override_is_an_error(data, tmp_path):
@@ -301,10 +344,92 @@ def test_a_recipe_option_that_deepspeed_would_override_is_an_error(data, tmp_pat
         assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-def test_zero3_init_flag_is_refused_with_the_fix(data, tmp_path):
+def test_zero3_init_flag_on_loads_the_base_whole_and_says_so(data):
+    """accelerate turns zero3_init_flag on for ZeRO-3 when the launcher does not say; the recipe still loads the base
+    whole (transformers' partitioned loading refuses the new head), says so, and trains the same adapter."""
     _needs_deepspeed("zero3")
-    args = _recipe_args(data, tmp_path / "out", "vpt_deep", BATCH)
-    output = _launch(
-        "zero3", "image_classification.py", *args, launcher_args=["--zero3_init_flag", "true"], expect_failure=True
-    )
-    assert "sets zero3_init_flag: true" in output and "--zero3_init_flag false" in output, output[-2000:]
+    out = data / "zero3-init-flag"
+    args = _recipe_args(data, out, "vpt_deep", BATCH, *CLIP)
+    stdout = _launch("zero3", "image_classification.py", *args, launcher_args=["--zero3_init_flag", "true"])
+    assert "zero3_init_flag is on, but the recipe loads the frozen base model whole" in stdout, stdout[-2000:]
+    _assert_same_adapter(out, _single_process(data, "vpt_deep"))
+
+
+class _FakeAccelerator:
+    """What `training.check_deepspeed_settings` and `training.loading_whole_model` read of an `Accelerator` running
+    DeepSpeed: its distributed type and plugin (a real `DeepSpeedPlugin`, built in this process)."""
+
+    def __init__(self, plugin):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = DistributedType.DEEPSPEED
+        self.state = SimpleNamespace(deepspeed_plugin=plugin)
+        self.printed = []
+
+    def print(self, text):
+        self.printed.append(text)
+
+
+def _training_module():
+    if str(RECIPES) not in sys.path:
+        sys.path.insert(0, str(RECIPES))
+    import training
+
+    return training
+
+
+def _plugin(**kwargs):
+    _needs_deepspeed("zero3")
+    from accelerate.utils import DeepSpeedPlugin
+
+    return DeepSpeedPlugin(**kwargs)
+
+
+def test_auto_values_of_the_deepspeed_config_take_the_recipe_options():
+    training = _training_module()
+    plugin = _plugin(zero_stage=2)  # accelerate's plugin from `--use_deepspeed`: clipping and accumulation "auto"
+    assert plugin.deepspeed_config["gradient_clipping"] == "auto"
+    args = SimpleNamespace(gradient_accumulation_steps=3, max_grad_norm=None)
+    training.check_deepspeed_settings(_FakeAccelerator(plugin), args)
+    # no --max_grad_norm: no clipping, as under DDP and FSDP (accelerate would fill in 1.0)
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.0
+    assert plugin.deepspeed_config["gradient_accumulation_steps"] == 3
+    plugin = _plugin(zero_stage=2)
+    training.check_deepspeed_settings(_FakeAccelerator(plugin), SimpleNamespace(gradient_accumulation_steps=1,
+                                                                                max_grad_norm=0.5))  # fmt: skip
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.5
+    # a number in the config stays when the recipe option agrees or is not given
+    plugin = _plugin(zero_stage=2, gradient_clipping=1.0, gradient_accumulation_steps=1)
+    training.check_deepspeed_settings(_FakeAccelerator(plugin), SimpleNamespace(gradient_accumulation_steps=1,
+                                                                                max_grad_norm=None))  # fmt: skip
+    assert plugin.deepspeed_config["gradient_clipping"] == 1.0
+
+
+@pytest.fixture
+def deepspeed_registration():
+    """Leaves transformers' global DeepSpeed registration unset after the test, as the other tests expect it."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    yield
+    unset_hf_deepspeed_config()
+
+
+def test_loading_whole_model_lifts_the_zero3_registration_and_puts_it_back(deepspeed_registration):
+    from transformers.integrations import deepspeed_config, is_deepspeed_zero3_enabled
+
+    training = _training_module()
+    plugin = _plugin(zero_stage=3)
+    plugin.set_deepspeed_weakref()  # what accelerate does when it selects the plugin
+    accelerator = _FakeAccelerator(plugin)
+    assert is_deepspeed_zero3_enabled()
+    with training.loading_whole_model(accelerator):
+        assert not is_deepspeed_zero3_enabled()  # from_pretrained builds the model whole here
+    assert is_deepspeed_zero3_enabled()
+    with pytest.raises(RuntimeError, match="load failed"), training.loading_whole_model(accelerator):
+        raise RuntimeError("load failed")
+    assert is_deepspeed_zero3_enabled()
+    # ZeRO-2 partitions nothing at load: its registration stays
+    plugin = _plugin(zero_stage=2)
+    plugin.set_deepspeed_weakref()
+    with training.loading_whole_model(_FakeAccelerator(plugin)):
+        assert deepspeed_config()["zero_optimization"]["stage"] == 2
