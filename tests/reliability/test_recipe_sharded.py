@@ -7,20 +7,23 @@ says (accelerate/state.py keeps `MULTI_CPU`), silently. So, on CPU (CI):
   the engine it really ran (`distributed_type` in all_results.json) and still trains the single-process adapter;
 * every other test launches the recipe through `accelerate_engine_on_cpu.py`, which applies the engine the launcher
   asked for on the CPU processes, so that accelerate's own FSDP2 / DeepSpeed code runs over gloo: `prepare`
-  (`fully_shard` on the named block class and the root; `deepspeed.initialize` with every tensor partitioned),
-  clipping, `get_state_dict`, `save_state` and `load_state`.
+  (`fully_shard` on the named block class and the root; `deepspeed.initialize`), clipping, `get_state_dict`,
+  `save_state` and `load_state`. The shim also makes ZeRO-3 partition every tensor and reports what `prepare` did;
+  the tests check that every parameter is a DTensor (FSDP2) or partitioned (ZeRO-3) on every process.
 
-On a machine with CUDA GPUs the same tests launch the recipes directly (NCCL; 2 ranks, or 1 with one GPU).
+On a machine with CUDA GPUs the same tests launch on the GPUs (NCCL; 2 ranks, or 1 with one GPU); the shim then
+leaves accelerate's state alone and only partitions and reports.
 
 Per engine and method (image classification: VPT-deep on its key/value-prefix path, VPT-shallow, gated, APT) the
-launch really runs the engine, trains the adapter of one process with the same global batch (atol 1e-5), writes it
-once, in a form `PeftModel.from_pretrained` loads onto an unsharded model, and resumes from a checkpoint written
-under the engine bit for bit. The other recipes (vision-language APT on ViLT, generative prompts on UVit2D, APT on
-the Stable Diffusion text encoder) each draw per-process random masks or noise, so their reference is a plain DDP
-launch with the same processes. Every launch clips gradients at 1.0, as the shipped ZeRO-3 config does (DeepSpeed
-clips inside its engine, at its config's value). The configs ask for bf16; the launches pass `--mixed_precision no`
-so that the comparisons are float32 ones. `test_sharded.py` runs every method under each engine through torch and
-deepspeed directly; this file checks the recipe path a user takes.
+launch trains the adapter of one process with the same global batch (atol 1e-5), writes it once, in a form
+`PeftModel.from_pretrained` loads onto an unsharded model, and resumes from a checkpoint written under the engine
+bit for bit. The other recipes (vision-language APT on ViLT, generative prompts on UVit2D, APT on the Stable
+Diffusion text encoder) each draw per-process random masks or noise, so their reference is a plain DDP launch with
+the same processes. Every launch clips gradients at 1.0, as the shipped ZeRO-3 config does (DeepSpeed clips inside
+its engine, at its config's value). The configs ask for bf16; the comparisons pass `--mixed_precision no` so that
+they are float32 ones, and separate tests run every recipe in bf16 (the adapter saved in float32). `test_sharded.py`
+runs every method under each engine through torch and deepspeed directly; this file checks the recipe path a user
+takes.
 """
 
 from __future__ import annotations
