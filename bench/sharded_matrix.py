@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -37,6 +36,10 @@ from safetensors.torch import load_file
 
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from shared_helpers import distributed_run_env, write_tiny_vit_and_images  # noqa: E402  (tests/)
+
+
 RELIABILITY = ROOT / "tests" / "reliability"
 METHODS = ("vpt_deep", "vpt_shallow", "gated", "apt", "generative")
 DIRECT_ENGINES = {
@@ -58,22 +61,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        MASTER_ADDR="127.0.0.1",
-        ACCELERATE_USE_CPU="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")])),
-        **extra,
-    )
-    return env
-
-
 def _run(command: list, **extra_env: str) -> None:
-    done = subprocess.run(command, cwd=ROOT, env=_env(**extra_env), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        command, cwd=ROOT, env=distributed_run_env(**extra_env), capture_output=True, text=True, timeout=900
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, command))} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
 
@@ -118,9 +109,6 @@ def _max_difference(folder: Path, reference: Path) -> float:
 
 def recipe_engines(workdir: Path) -> dict:
     """(engine, method) -> largest difference of the recipe's adapter from its reference."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from shared_helpers import write_tiny_vit_and_images  # the tiny ViT checkpoint and images of the tests
-
     data = workdir / "data"
     write_tiny_vit_and_images(data, {"train": 8, "val": 2})
 

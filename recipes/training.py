@@ -282,7 +282,7 @@ def check_deepspeed_settings(accelerator, args) -> None:
     that contradicts the config is an error here, before any data or model loads. An "auto" value in the config
     takes the recipe's: its option, or for clipping no clipping when `--max_grad_norm` is not given, as under DDP and
     FSDP (accelerate would fill in 1.0)."""
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
+    plugin = _deepspeed_plugin(accelerator)
     if plugin is None:
         return
     if _zero3_plugin(accelerator) is not None and plugin.is_zero3_init_enabled():
@@ -327,9 +327,14 @@ def warn_if_engine_not_applied(accelerator) -> None:
         )
 
 
+def _deepspeed_plugin(accelerator):
+    """accelerate's active DeepSpeed plugin when it runs DeepSpeed, else None."""
+    return accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
+
+
 def _zero3_plugin(accelerator):
     """accelerate's DeepSpeed plugin when it runs ZeRO stage 3, else None."""
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
+    plugin = _deepspeed_plugin(accelerator)
     if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
         return None
     return plugin
@@ -363,7 +368,7 @@ def prepare_for_training(accelerator, args, model, optimizer, scheduler):
     length depends on the per-process loader). DeepSpeed reads its micro-batch size from a loader in the same call
     or from its config; accelerate's shipped DeepSpeed configs leave it to "auto", so it comes from
     `--per_device_train_batch_size` here."""
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
+    plugin = _deepspeed_plugin(accelerator)
     if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
     return accelerator.prepare(model, optimizer, scheduler)

@@ -91,6 +91,26 @@ def blocks_and_parts(name, model):
     raise KeyError(name)
 
 
+def distributed_run_env(cpu: bool = True, **extra: str) -> dict:
+    """The environment of a multi-process launch of the repository's code (`torch.distributed.run`, `accelerate
+    launch`): offline, one thread per process, the repository on the path, float32 matmuls on GPUs (no TF32, for
+    1e-5 comparisons), and with `cpu` accelerate kept on the CPU."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")])),
+        NVIDIA_TF32_OVERRIDE="0",
+        **extra,
+    )
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    return env
+
+
 def deepspeed_import_error() -> str | None:
     """Why DeepSpeed cannot be used here (the last line of `import deepspeed`'s error), or None. Imported in a child
     process: the import probes accelerators."""

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from shared_helpers import deepspeed_import_error, write_tiny_vit_and_images
+from shared_helpers import deepspeed_import_error, distributed_run_env, write_tiny_vit_and_images
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,23 +72,8 @@ ON_GPU = _gpus() > 0
 PROCESSES = min(2, _gpus()) if ON_GPU else 2
 
 
-def _env(cpu: bool) -> dict:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        MASTER_ADDR="127.0.0.1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        NVIDIA_TF32_OVERRIDE="0",  # on GPUs: float32 convolutions and matmuls, for the 1e-5 comparisons
-    )
-    if cpu:
-        env["ACCELERATE_USE_CPU"] = "1"
-    return env
-
-
 def _run(command: list, cpu: bool, expect_failure: bool = False, **extra_env: str) -> str:
-    env = {**_env(cpu), **extra_env}
+    env = distributed_run_env(cpu, **extra_env)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if expect_failure:
         assert done.returncode != 0, done.stdout[-2000:]

@@ -28,14 +28,13 @@ with `import deepspeed`'s error when DeepSpeed cannot be imported.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from shared_helpers import deepspeed_import_error
+from shared_helpers import deepspeed_import_error, distributed_run_env
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,14 +51,7 @@ def _free_port() -> int:
 
 
 def _launch(engine: str, output: Path, **extra_env: str) -> dict:
-    env = dict(os.environ)
-    env.update(
-        **extra_env,
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        MASTER_ADDR="127.0.0.1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-    )
+    env = distributed_run_env(cpu=False, **extra_env)  # torch.distributed.run directly, no accelerate
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
         str(WORKER), "--engine", engine, "--output", str(output),
